@@ -1,0 +1,87 @@
+"""Consistent snapshots of a live PocketBase data.db, taken through a read-only connection.
+
+Never open a live data.db read-write: on PocketBase <= 0.39, after the server has made a backup,
+closing a read-write connection deletes the server's WAL (POCKETBASE.md section 6).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pbmigrate.errors import SourceError
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: str
+    source: str
+    bytes: int
+    seconds: float
+
+
+def resolve_data_db(path: str | os.PathLike) -> Path:
+    """Accept a `data.db` file or a `pb_data` folder; check that it really is SQLite."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "data.db"
+    if not p.is_file():
+        raise SourceError(f"{p}: no such file (expected a PocketBase data.db or pb_data folder)")
+    with p.open("rb") as fh:
+        if fh.read(16) != SQLITE_MAGIC:
+            raise SourceError(f"{p}: not a SQLite database file")
+    return p
+
+
+def open_readonly(path: str | os.PathLike) -> sqlite3.Connection:
+    """A read-only connection (URI mode=ro), safe beside a running PocketBase."""
+    p = resolve_data_db(path)
+    uri = f"file:{p.resolve().as_posix()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"{p}: cannot be read as SQLite: {exc}") from exc
+    return conn
+
+
+def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike) -> Snapshot:
+    """Copy a live data.db with VACUUM INTO (compact, self-contained) and verify it.
+
+    The copy is one read transaction, so it is consistent even while PocketBase writes.
+    An existing destination is replaced, which makes the step idempotent.
+    """
+    src = resolve_data_db(source)
+    dst = Path(dest)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    started = time.monotonic()
+    conn = open_readonly(src)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("VACUUM INTO ?", (str(tmp),))
+    except sqlite3.DatabaseError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{src}: snapshot failed: {exc}") from exc
+    finally:
+        conn.close()
+    verify_snapshot(tmp)
+    os.replace(tmp, dst)
+    return Snapshot(str(dst), str(src), dst.stat().st_size, time.monotonic() - started)
+
+
+def verify_snapshot(path: str | os.PathLike) -> None:
+    conn = open_readonly(path)
+    try:
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
+    if result != "ok":
+        raise SourceError(f"{path}: snapshot failed quick_check: {result}")

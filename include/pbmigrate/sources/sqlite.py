@@ -1,0 +1,75 @@
+"""Read records from a PocketBase data.db (normally a snapshot), read-only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cache
+
+from pbmigrate.catalog import Catalog, Collection, read_catalog
+from pbmigrate.snapshot import open_readonly
+
+FETCH = 5000
+
+
+def qi(ident: str) -> str:
+    """Quote an SQLite identifier."""
+    return '"' + ident.replace('"', '""') + '"'
+
+
+class SqliteSource:
+    kind = "sqlite"
+    has_secrets = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.conn = open_readonly(path)
+        self._catalog: Catalog | None = None
+
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = read_catalog(self.conn)
+        return self._catalog
+
+    def count(self, coll: Collection) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}").fetchone()[0]
+
+    def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]:
+        where, args = _range(lo, hi)
+        cur = self.conn.execute(f"SELECT id FROM {qi(coll.name)}{where} ORDER BY id", args)
+        while chunk := cur.fetchmany(FETCH):
+            for (rid,) in chunk:
+                yield rid
+
+    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[tuple]:
+        where, args = _range(lo, hi)
+        cur = self.conn.execute(f"{_select(coll)}{where} ORDER BY id", args)
+        while chunk := cur.fetchmany(FETCH):
+            yield from chunk
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Ad-hoc read for the assessment (read-only connection)."""
+        return self.conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@cache
+def _select_cached(table: str, columns: tuple[str, ...]) -> str:
+    return f"SELECT {', '.join(qi(c) for c in columns)} FROM {qi(table)}"
+
+
+def _select(coll: Collection) -> str:
+    return _select_cached(coll.name, tuple(f.name for f in coll.fields))
+
+
+def _range(lo: str | None, hi: str | None) -> tuple[str, tuple]:
+    clauses, args = [], []
+    if lo is not None:
+        clauses.append("id >= ?")
+        args.append(lo)
+    if hi is not None:
+        clauses.append("id <= ?")
+        args.append(hi)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a throw-away PostgreSQL database, a Redis logical db, the 0.22 fixture copy.
+
+Every test talks to real services. Each test session creates its own database and cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURE_022 = SHARED / "fixtures" / "pocketbase-v0.22-testdata"
+PG_ADMIN_URL = os.environ.get("PBM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("PBM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def _create_db(name: str) -> str:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop_db(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the whole test session, dropped afterwards."""
+    name = f"pbm_test_{uuid.uuid4().hex[:8]}"
+    url = _create_db(name)
+    yield url
+    _drop_db(name)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (slower; use when schemas must not mix)."""
+    name = f"pbm_t_{uuid.uuid4().hex[:8]}"
+    url = _create_db(name)
+    yield url
+    _drop_db(name)
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis logical db of its own, flushed before and after the test."""
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    client.flushdb()
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fixture_022(tmp_path: Path) -> Path:
+    """A private copy of PocketBase's own 0.22 test data (SQLite may write -wal/-shm beside it)."""
+    dest = tmp_path / "pb_data"
+    shutil.copytree(FIXTURE_022, dest)
+    return dest
