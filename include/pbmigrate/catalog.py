@@ -24,9 +24,10 @@ MULTI_CAPABLE = frozenset({"select", "file", "relation"})
 
 # Tables in data.db that are not collections and never migrate.
 SKIPPED_TABLES = frozenset({"_collections", "_params", "_migrations", "sqlite_sequence"})
-# Auth columns PocketBase 0.22 adds implicitly (not listed in `schema`), in their DDL order.
+# Auth columns PocketBase 0.22 adds implicitly (not listed in `schema`), in their DDL order,
+# with whether the API hides them (0.22 returns username, never tokenKey or passwordHash).
 LEGACY_AUTH_FIELDS = (
-    ("username", "text", True),
+    ("username", "text", False),
     ("email", "email", False),
     ("emailVisibility", "bool", False),
     ("verified", "bool", False),
@@ -98,11 +99,19 @@ class Collection:
 
     @property
     def updated_field(self) -> Field | None:
-        """The autodate that moves on every update: what incremental re-sync keys on."""
-        for f in self.fields:
-            if f.type == "autodate" and f.on_update:
+        """The autodate that moves on every update: what incremental re-sync keys on.
+
+        Prefers `updated`, then one set on create *and* update: an onUpdate-only autodate stays
+        '' until a record's first update, so keying on it would miss never-updated records.
+        """
+        candidates = [f for f in self.fields if f.type == "autodate" and f.on_update]
+        for f in candidates:
+            if f.name == "updated":
                 return f
-        return None
+        for f in candidates:
+            if f.on_create:
+                return f
+        return candidates[0] if candidates else None
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,10 @@ def _legacy_system_fields(ctype: str, columns: Iterable[str] | None) -> list[Fie
     present = set(columns) if columns is not None else None
     fields = [Field("id", "text", required=True, system=True, primary_key=True)]
     if ctype == "view":
+        # A 0.22 view exposes created/updated only when its query selects them.
+        for name, on_update in (("created", False), ("updated", True)):
+            if present is not None and name in present:
+                fields.append(Field(name, "autodate", system=True, on_update=on_update))
         return fields
     fields.append(Field("created", "autodate", system=True, on_create=True, on_update=False))
     fields.append(Field("updated", "autodate", system=True, on_create=True, on_update=True))
@@ -252,7 +265,7 @@ def read_catalog(conn: sqlite3.Connection) -> Catalog:
     names = [d[0] for d in conn_rows.description]
     collections = []
     for values in conn_rows.fetchall():
-        row = dict(zip(names, values))
+        row = dict(zip(names, values, strict=True))
         name = row["name"]
         columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{_q(name)}")')]
         physical = [

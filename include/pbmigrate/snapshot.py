@@ -11,6 +11,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from pbmigrate.errors import SourceError
 
@@ -38,13 +39,27 @@ def resolve_data_db(path: str | os.PathLike) -> Path:
     return p
 
 
-def open_readonly(path: str | os.PathLike) -> sqlite3.Connection:
-    """A read-only connection (URI mode=ro), safe beside a running PocketBase."""
+def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite3.Connection:
+    """A read-only connection (URI mode=ro), safe beside a running PocketBase.
+
+    When a `-shm` file exists (a server may have it mapped) the connection also uses
+    `readonly_shm=1`. Plain mode=ro still opens the -shm read-write, and a reader that finds no
+    lock on it (PocketBase <= 0.39 drops its locks after making a backup) truncates it as "the
+    first connection": the server then dies of SIGBUS on its next write (reproduced with
+    0.23.12, tests/test_snapshot.py). With readonly_shm SQLite reads the WAL without ever
+    writing the -shm.
+
+    `query_only` adds a second guard for readers; the snapshot turns it off because SQLite
+    refuses `VACUUM INTO` (which writes only the *output* file) under query_only.
+    """
     p = resolve_data_db(path)
-    uri = f"file:{p.resolve().as_posix()}?mode=ro"
+    uri = f"file:{quote(p.resolve().as_posix())}?mode=ro"
+    if p.with_name(p.name + "-shm").exists():
+        uri += "&readonly_shm=1"
     try:
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        conn.execute("PRAGMA query_only = ON")
+        if query_only:
+            conn.execute("PRAGMA query_only = ON")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         raise SourceError(f"{p}: cannot be read as SQLite: {exc}") from exc
@@ -63,7 +78,7 @@ def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike) -> Snapsho
     tmp = dst.with_name(dst.name + ".partial")
     tmp.unlink(missing_ok=True)
     started = time.monotonic()
-    conn = open_readonly(src)
+    conn = open_readonly(src, query_only=False)  # mode=ro still protects the live source
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("VACUUM INTO ?", (str(tmp),))

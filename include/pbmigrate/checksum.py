@@ -1,0 +1,155 @@
+"""Order-independent checksums over canonical values, computable on both sides.
+
+The loader computes a batch's checksum in Python from the converted values it sends; validation
+computes it again inside PostgreSQL from what the tables hold. Both reduce every column to the
+same canonical text (floats as their IEEE-754 bits, timestamps as epoch microseconds, jsonb in
+PostgreSQL's own output form), join a row's columns with \\x1f, take the first 64 bits of md5 as a
+signed integer and add them up modulo 2**64. Addition makes the result independent of row order,
+so batches and retries can load in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from hashlib import md5
+from typing import Any
+
+MOD = 2**64
+SEP = "\x1f"
+NULL = "\\N"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_pack = struct.Struct(">d").pack
+
+
+def _text(v: Any) -> str:
+    return NULL if v is None else v
+
+
+def _bigint(v: Any) -> str:
+    return str(v)
+
+
+def _float8(v: Any) -> str:
+    return _pack(v).hex()
+
+
+def _bool(v: Any) -> str:
+    return "t" if v else "f"
+
+
+def _timestamptz(v: Any) -> str:
+    return NULL if v is None else str((v - _EPOCH) // _US)
+
+
+def _text_array(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+
+def _point(v: Any) -> str:
+    lon, lat = v.strip("()").split(",")
+    return _pack(float(lon)).hex() + _pack(float(lat)).hex()
+
+
+def _jsonb(v: Any) -> str:
+    return NULL if v is None else jsonb_text(v)
+
+
+PY_CANON: dict[str, Callable[[Any], str]] = {
+    "text": _text,
+    "bigint": _bigint,
+    "double precision": _float8,
+    "boolean": _bool,
+    "timestamptz": _timestamptz,
+    "text[]": _text_array,
+    "jsonb": _jsonb,
+    "point": _point,
+}
+
+_NULLSAFE = "coalesce({e}, '\\N')"
+SQL_CANON: dict[str, str] = {
+    "text": _NULLSAFE.format(e="{c}"),
+    "bigint": "{c}::text",
+    "double precision": "encode(float8send({c}), 'hex')",
+    "boolean": "CASE WHEN {c} THEN 't' ELSE 'f' END",
+    "timestamptz": _NULLSAFE.format(e="(extract(epoch FROM {c}) * 1000000)::bigint::text"),
+    "text[]": "array_to_json({c})::text",
+    "jsonb": _NULLSAFE.format(e="{c}::text"),
+    "point": "encode(float8send({c}[0]), 'hex') || encode(float8send({c}[1]), 'hex')",
+}
+
+
+def digest(canonical: str) -> int:
+    """First 64 bits of md5, signed: what `('x'||left(md5(s),16))::bit(64)::bigint` gives."""
+    return int.from_bytes(md5(canonical.encode("utf-8", "surrogatepass")).digest()[:8], "big", signed=True)
+
+
+def row_canon(canons: Sequence[Callable[[Any], str]], row: Sequence[Any]) -> str:
+    return SEP.join([c(v) for c, v in zip(canons, row)])
+
+
+def sql_row_digest(columns: Sequence[tuple[str, str]]) -> str:
+    """SQL for one row's digest; columns are (quoted column expression, pg type)."""
+    parts = ", ".join(SQL_CANON[t].format(c=c) for c, t in columns)
+    return f"('x' || left(md5(concat_ws(E'\\x1f', {parts})), 16))::bit(64)::bigint"
+
+
+def junction_canon(owner: str, position: int, target: str) -> str:
+    return f"{owner}{SEP}{position}{SEP}{target}"
+
+
+SQL_JUNCTION_DIGEST = (
+    "('x' || left(md5(concat_ws(E'\\x1f', owner_id, position::text, target_id)), 16))::bit(64)::bigint"
+)
+
+
+def fold(total: int) -> int:
+    return total % MOD
+
+
+def as_hex(total: int) -> str:
+    return f"{fold(total):016x}"
+
+
+# --- jsonb's text output, reproduced ---------------------------------------------------------
+
+def jsonb_text(raw: str) -> str:
+    """The text PostgreSQL prints for `raw::jsonb`: keys sorted by (byte length, bytes), last
+    duplicate wins, ', ' and ': ' separators, numbers as numeric prints them."""
+    return _jb(json.loads(raw, parse_float=Decimal))
+
+
+def _numeric(d: Decimal) -> str:
+    if d == 0:
+        d = abs(d)
+    return format(d, "f")
+
+
+def _key(k: str) -> tuple[int, bytes]:
+    b = k.encode("utf-8")
+    return (len(b), b)
+
+
+def _jb(o: Any) -> str:
+    if isinstance(o, str):
+        return json.dumps(o, ensure_ascii=False)
+    if o is True:
+        return "true"
+    if o is False:
+        return "false"
+    if o is None:
+        return "null"
+    if isinstance(o, int):
+        return str(o)
+    if isinstance(o, Decimal):
+        return _numeric(o)
+    if isinstance(o, list):
+        return "[" + ", ".join(_jb(x) for x in o) + "]"
+    if isinstance(o, dict):
+        items = sorted(o.items(), key=lambda kv: _key(kv[0]))
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_jb(v)}" for k, v in items) + "}"
+    raise TypeError(f"not JSON: {type(o).__name__}")

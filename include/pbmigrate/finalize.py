@@ -1,0 +1,227 @@
+"""After every batch is in: keys, duplicates, orphans, indexes, foreign keys, views, statistics.
+
+SQLite never enforced what PocketBase's relations promise, so dangling ids and duplicates under
+case-insensitive unique indexes do occur. Each one is decided here by the `orphans` policy and
+recorded (pbm_meta.rejects or pbm_meta.orphans) before the constraint that would refuse it is
+built: nothing is dropped silently, and the constraints end up VALID. Every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from pbmigrate.plan import Junction, Plan, Table, qi
+
+log = logging.getLogger(__name__)
+ORPHAN_MODES = ("reject", "null")
+EXAMPLES = 5
+
+
+@dataclass
+class FinalizeReport:
+    duplicates: dict[str, int] = field(default_factory=dict)  # "table.index" -> rows rejected
+    orphans: dict[str, int] = field(default_factory=dict)  # "collection.field" -> dangling ids
+    orphan_rejects: int = 0
+    indexes: int = 0
+    foreign_keys: int = 0
+    views: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _constraint_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    return conn.execute(
+        """SELECT 1 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+            WHERE n.nspname = %s AND c.conname = %s""",
+        (schema, name),
+    ).fetchone() is not None
+
+
+def add_primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+    s = qi(schema)
+    for t in plan.tables:
+        name = f"{t.name}_pkey"[:63]
+        if not _constraint_exists(conn, schema, name):
+            conn.execute(f"ALTER TABLE {s}.{qi(t.name)} ADD CONSTRAINT {qi(name)} PRIMARY KEY (id)")
+        for j in t.junctions:
+            jname = f"{j.table}_pkey"[:63]
+            if not _constraint_exists(conn, schema, jname):
+                conn.execute(f"ALTER TABLE {s}.{qi(j.table)} ADD CONSTRAINT {qi(jname)} "
+                             f"PRIMARY KEY ({qi(j.owner)}, position)")
+
+
+def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str, select_ids: str,
+                args: tuple, field_name: str, reason: str) -> int:
+    """Move the rows whose ids `select_ids` returns into pbm_meta.rejects."""
+    s, t = qi(schema), qi(table.name)
+    n = conn.execute(
+        f"""WITH bad AS ({select_ids})
+            INSERT INTO pbm_meta.rejects (run_id, collection, record_id, field, reason, stage)
+            SELECT %s, %s, b.id, %s, %s, 'finalize' FROM (SELECT DISTINCT id FROM bad) b""",
+        (*args, run_id, table.collection.name, field_name, reason),
+    ).rowcount
+    if n:
+        conn.execute(f"DELETE FROM {s}.{t} WHERE id IN ({select_ids})", args)
+        for j in table.junctions:
+            conn.execute(f"DELETE FROM {s}.{qi(j.table)} WHERE {qi(j.owner)} NOT IN (SELECT id FROM {s}.{t})")
+    return n
+
+
+def reject_duplicates(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str,
+                      report: FinalizeReport) -> None:
+    """Rows that would break a unique index: the first by id stays, the others are rejected."""
+    for t in plan.tables:
+        for idx in (i for i in t.indexes if i.unique):
+            exprs = idx.exprs
+            not_null = " AND ".join(f"({e}) IS NOT NULL" for e in exprs)
+            where = f"({idx.where}) AND {not_null}" if idx.where else not_null
+            select = (f"SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY {', '.join(exprs)} "
+                      f"ORDER BY id) AS rn FROM {qi(schema)}.{qi(t.name)} WHERE {where}) d WHERE rn > 1")
+            n = _reject_ids(conn, schema, t, run_id, select, (), ",".join(idx.columns),
+                            f"duplicate value under unique index {idx.name} (the row with the lowest id was kept)")
+            if n:
+                report.duplicates[f"{t.name}.{idx.name}"] = n
+
+
+def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, mode: str,
+                    report: FinalizeReport) -> None:
+    """Dangling relation ids, by policy: `reject` the row, or `null` the value (drop the junction
+    row). Repeats until stable, because rejecting a row can orphan the rows pointing at it."""
+    if mode not in ORPHAN_MODES:
+        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {mode!r}")
+    tables = {t.name: t for t in plan.tables}
+    counts: dict[tuple[str, str, str], tuple[int, list[str]]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for t in plan.tables:
+            for fk in t.foreign_keys:
+                col = next(c for c in t.columns if c.name == fk.column)
+                n = _single_orphans(conn, schema, t, fk.column, fk.target_table, fk.field, run_id,
+                                    "null" if mode == "null" and col.nullable else "reject", counts)
+                changed |= n > 0
+            for j in t.junctions:
+                if j.target_table in tables:
+                    n = _junction_orphans(conn, schema, t, j, run_id, mode, counts)
+                    changed |= n > 0
+    for (coll, fname, target), (n, examples) in counts.items():
+        report.orphans[f"{coll}.{fname}"] = n
+        conn.execute(
+            """INSERT INTO pbm_meta.orphans (run_id, collection, field, target, mode, count, examples)
+               VALUES (%s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (run_id, collection, field) DO UPDATE SET count = EXCLUDED.count,
+                   examples = EXCLUDED.examples, mode = EXCLUDED.mode""",
+            (run_id, coll, fname, target, mode, n, examples),
+        )
+
+
+def _tally(counts: dict, key: tuple[str, str, str], n: int, ids: list[str]) -> None:
+    prev, examples = counts.get(key, (0, []))
+    counts[key] = (prev + n, (examples + ids)[:EXAMPLES])
+
+
+def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str, target: str, fname: str,
+                    run_id: str, mode: str, counts: dict) -> int:
+    s, c = qi(schema), qi(column)
+    select = (f"SELECT x.id FROM {s}.{qi(t.name)} x LEFT JOIN {s}.{qi(target)} y ON y.id = x.{c} "
+              f"WHERE x.{c} IS NOT NULL AND y.id IS NULL")
+    ids = [r[0] for r in conn.execute(select + " ORDER BY x.id LIMIT %s", (EXAMPLES,))]
+    if not ids:
+        return 0
+    if mode == "null":
+        n = conn.execute(f"UPDATE {s}.{qi(t.name)} SET {c} = NULL WHERE id IN ({select})").rowcount
+    else:
+        n = _reject_ids(conn, schema, t, run_id, select, (), fname,
+                        f"dangling relation: {fname} points at a missing {target} record")
+    _tally(counts, (t.collection.name, fname, target), n, ids)
+    return n
+
+
+def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Junction, run_id: str, mode: str,
+                      counts: dict) -> int:
+    s, jt, o, g = qi(schema), qi(j.table), qi(j.owner), qi(j.target)
+    dangling = (f"SELECT x.{o} AS id FROM {s}.{jt} x LEFT JOIN {s}.{qi(j.target_table)} y ON y.id = x.{g} "
+                f"WHERE y.id IS NULL")
+    ids = [r[0] for r in conn.execute(f"SELECT DISTINCT id FROM ({dangling}) d ORDER BY id LIMIT %s",
+                                      (EXAMPLES,))]
+    if not ids:
+        return 0
+    key = (t.collection.name, j.field.name, j.target_table or "")
+    if mode == "null":
+        n = conn.execute(f"DELETE FROM {s}.{jt} x WHERE NOT EXISTS "
+                         f"(SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})").rowcount
+    else:
+        n = _reject_ids(conn, schema, t, run_id, dangling, (), j.field.name,
+                        f"dangling relation: {j.field.name} holds an id missing from {j.target_table}")
+    _tally(counts, key, n, ids)
+    return n
+
+
+def create_indexes(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
+    s = qi(schema)
+    for t in plan.tables:
+        for idx in t.indexes:
+            conn.execute(idx.sql.replace("{schema}", s))
+            report.indexes += 1
+        for j in t.junctions:
+            name = f"{j.table}_{j.target}_idx"[:63]
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(j.table)} ({qi(j.target)})")
+            report.indexes += 1
+        for fk in t.foreign_keys:
+            name = f"{t.name}_{fk.column}_fk_idx"[:63]
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(t.name)} ({qi(fk.column)})")
+            report.indexes += 1
+
+
+def add_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
+    """NOT VALID first (no long lock), then VALIDATE; DEFERRABLE for self-references and cycles."""
+    s = qi(schema)
+    pending = []
+    for t in plan.tables:
+        for fk in t.foreign_keys:
+            pending.append((t.name, fk.name, fk.column, fk.target_table, fk.on_delete))
+        for j in t.junctions:
+            pending.append((j.table, f"{j.table}_{j.owner}_fk"[:63], j.owner, t.name, "CASCADE"))
+            if j.target_table:
+                pending.append((j.table, f"{j.table}_{j.target}_fk"[:63], j.target, j.target_table, "CASCADE"))
+    for table, name, column, target, on_delete in pending:
+        if not _constraint_exists(conn, schema, name):
+            conn.execute(
+                f"ALTER TABLE {s}.{qi(table)} ADD CONSTRAINT {qi(name)} FOREIGN KEY ({qi(column)}) "
+                f"REFERENCES {s}.{qi(target)} (id) ON DELETE {on_delete} DEFERRABLE INITIALLY IMMEDIATE NOT VALID"
+            )
+        conn.execute(f"ALTER TABLE {s}.{qi(table)} VALIDATE CONSTRAINT {qi(name)}")
+        report.foreign_keys += 1
+
+
+def create_views(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
+    s = qi(schema)
+    for name, select in plan.derived.items():
+        conn.execute(f"CREATE OR REPLACE VIEW {s}.{qi(name)} AS {select.replace('{schema}', s)}")
+        report.views.append(name)
+
+
+def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orphans: str = "reject") -> dict:
+    """Everything after the load, in one transaction: either all of it holds or none of it does."""
+    report = FinalizeReport()
+    # A re-run finds nothing new (rejected rows are gone, nulled values are NULL), so the
+    # rejects and orphan counts of an earlier committed finalize stay as they are.
+    with conn.transaction():
+        add_primary_keys(conn, schema, plan)
+        reject_duplicates(conn, schema, plan, run_id, report)
+        resolve_orphans(conn, schema, plan, run_id, orphans, report)
+        report.orphan_rejects = conn.execute(
+            "SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize'", (run_id,)
+        ).fetchone()[0]
+        create_indexes(conn, schema, plan, report)
+        add_foreign_keys(conn, schema, plan, report)
+        create_views(conn, schema, plan, report)
+    for t in plan.tables:
+        conn.execute(f"ANALYZE {qi(schema)}.{qi(t.name)}")
+        for j in t.junctions:
+            conn.execute(f"ANALYZE {qi(schema)}.{qi(j.table)}")
+    return report.as_dict()

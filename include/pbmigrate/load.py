@@ -1,0 +1,169 @@
+"""Load one id range of one collection: convert, COPY, record rejects and the ledger row, in one
+transaction.
+
+A retried batch first removes whatever an earlier attempt of the same range left, and a batch
+whose ledger row already says `done` is skipped, so retries and re-triggered runs never duplicate
+or lose a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+from pbmigrate import checksum
+from pbmigrate.convert import Reject, multi
+from pbmigrate.plan import Table, qi
+from pbmigrate.sources import Source
+
+log = logging.getLogger(__name__)
+SPOOL_BYTES = 32 * 1024 * 1024  # junction rows beyond this spill to disk: bounded memory
+
+
+@dataclass
+class BatchResult:
+    collection: str
+    table: str
+    lo: str
+    hi: str
+    rows_read: int
+    rows_loaded: int
+    rows_rejected: int
+    junction_rows: int
+    checksum: str
+    seconds: float
+    skipped: bool = False
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def log_line(self) -> str:
+        state = "already done, skipped" if self.skipped else f"{self.rows_per_s:,.0f} rows/s"
+        return (f"{self.collection} -> {self.table} [{self.lo}..{self.hi}]: read {self.rows_read:,}, "
+                f"loaded {self.rows_loaded:,}, rejected {self.rows_rejected:,}, "
+                f"junction rows {self.junction_rows:,}; {state}")
+
+
+def _reject_all(row: tuple, table: Table, convs: list) -> list[tuple[str, str]]:
+    """Convert every field of a failing row to report each bad field, not just the first."""
+    problems = []
+    for col, conv in zip(table.columns, convs):
+        try:
+            conv(row[col.position])
+        except Reject as r:
+            problems.append((r.field, r.reason))
+    for j in table.junctions:
+        try:
+            multi(j.field)(row[j.position])
+        except Reject as r:
+            problems.append((r.field, r.reason))
+    return problems or [("?", "row failed to convert")]
+
+
+def _existing(conn: psycopg.Connection, run_id: str, collection: str, lo: str) -> BatchResult | None:
+    row = conn.execute(
+        """SELECT target_table, hi, rows_read, rows_loaded, rows_rejected, junction_rows, checksum
+             FROM pbm_meta.batches WHERE run_id = %s AND collection = %s AND lo = %s AND status = 'done'""",
+        (run_id, collection, lo),
+    ).fetchone()
+    if row is None:
+        return None
+    return BatchResult(collection, row[0], lo, row[1], row[2], row[3], row[4], row[5], row[6], 0.0, True)
+
+
+def clear_range(conn: psycopg.Connection, schema: str, table: Table, run_id: str, lo: str, hi: str) -> None:
+    """Remove what an earlier attempt of this range left (same transaction as the reload)."""
+    s = qi(schema)
+    conn.execute(f'DELETE FROM {s}.{qi(table.name)} WHERE id BETWEEN %s AND %s', (lo, hi))
+    for j in table.junctions:
+        conn.execute(f"DELETE FROM {s}.{qi(j.table)} WHERE {qi(j.owner)} BETWEEN %s AND %s", (lo, hi))
+    conn.execute(
+        "DELETE FROM pbm_meta.rejects WHERE run_id = %s AND collection = %s AND stage = 'load' AND batch_lo = %s",
+        (run_id, table.collection.name, lo),
+    )
+    conn.execute("DELETE FROM pbm_meta.batches WHERE run_id = %s AND collection = %s AND lo = %s",
+                 (run_id, table.collection.name, lo))
+
+
+def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id: str, schema: str,
+               lo: str, hi: str, has_secrets: bool = True) -> BatchResult:
+    """Load the rows of `table.collection` with ids in [lo, hi] into `schema.table`."""
+    started = time.monotonic()
+    coll = table.collection
+    done = _existing(conn, run_id, coll.name, lo)
+    if done is not None:
+        return done
+    convs = table.converters(has_secrets)
+    positions = [c.position for c in table.columns]
+    canons = [checksum.PY_CANON[c.type] if c.type in checksum.PY_CANON else checksum.PY_CANON["text"]
+              for c in table.columns]
+    pairs = list(zip(convs, positions))
+    junction_multi = [(j, multi(j.field)) for j in table.junctions]
+    digest, row_canon, jcanon = checksum.digest, checksum.row_canon, checksum.junction_canon
+    total = 0
+    read = loaded = junction_rows = 0
+    rejects: list[tuple[str, str, str]] = []
+    cols = ", ".join(qi(c) for c in table.column_names)
+    copy_sql = f"COPY {qi(schema)}.{qi(table.name)} ({cols}) FROM STDIN"
+    with conn.transaction(), tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+") as spool:
+        clear_range(conn, schema, table, run_id, lo, hi)
+        with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+            for row in source.rows(coll, lo, hi):
+                read += 1
+                try:
+                    out = [conv(row[pos]) for conv, pos in pairs]
+                    jrows = [(j, m(row[j.position])) for j, m in junction_multi]
+                except Reject:
+                    rid = str(row[positions[0]]) if table.columns else "?"
+                    rejects.extend((rid, f, r) for f, r in _reject_all(row, table, convs))
+                    continue
+                copy.write_row(out)
+                loaded += 1
+                total += digest(row_canon(canons, out))
+                owner = out[0]
+                for j, ids in jrows:
+                    for pos, target in enumerate(ids):
+                        spool.write(json.dumps((j.table, owner, target, pos)) + "\n")
+                        total += digest(f"{j.table}\x1f" + jcanon(owner, pos, target))
+                        junction_rows += 1
+        _copy_junctions(conn, schema, table, spool)
+        if rejects:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    """INSERT INTO pbm_meta.rejects (run_id, collection, record_id, field, reason, stage, batch_lo)
+                       VALUES (%s, %s, %s, %s, %s, 'load', %s)""",
+                    [(run_id, coll.name, rid, f, r, lo) for rid, f, r in rejects],
+                )
+        result = BatchResult(coll.name, table.name, lo, hi, read, loaded, read - loaded, junction_rows,
+                             checksum.as_hex(total), time.monotonic() - started)
+        conn.execute(
+            """INSERT INTO pbm_meta.batches (run_id, collection, target_table, lo, hi, rows_read, rows_loaded,
+                   rows_rejected, junction_rows, checksum, status, seconds, rows_per_s)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'done', %s, %s)""",
+            (run_id, coll.name, table.name, lo, hi, read, loaded, result.rows_rejected, junction_rows,
+             result.checksum, result.seconds, result.rows_per_s),
+        )
+    return result
+
+
+def _copy_junctions(conn: psycopg.Connection, schema: str, table: Table, spool) -> None:
+    if not table.junctions:
+        return
+    for j in table.junctions:
+        spool.seek(0)
+        sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
+        with conn.cursor() as cur, cur.copy(sql) as copy:
+            for line in spool:
+                jt, owner, target, pos = json.loads(line)
+                if jt == j.table:
+                    copy.write_row((owner, target, pos))
