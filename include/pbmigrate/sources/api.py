@@ -76,9 +76,12 @@ class ApiSource:
         self.generation: int = 0
         self._token: str | None = None
         self._token_exp: float = 0.0
+        self.logins = 0  # successful superuser logins (re-logins show token expiry or rejection)
+        self.retried = 0  # requests repeated after a network failure, 429 or 5xx
         self._auth_lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._html_escape: bool | None = None
+        self._filter_backslashes: bool | None = None
         self._check_health()
         self._authenticate()
 
@@ -222,8 +225,13 @@ class ApiSource:
         path = self._records_path(coll)
 
         def fetch(last: str | None) -> dict[str, Any]:
+            escapes = self._backslash_escapes(coll) if "\\" in f"{lo}{hi}{last}" else False
+            try:
+                filt = _id_filter(lo, hi, last, escapes)
+            except SourceError as exc:
+                raise SourceError(f"{self.url}: collection {coll.name!r}: {exc}") from None
             params = {"perPage": PER_PAGE, "sort": "id", "skipTotal": 1, "fields": fields,
-                      "filter": _id_filter(lo, hi, last)}
+                      "filter": filt}
             return self._get(path, params, coll=coll)
 
         if not self.prefetch:
@@ -259,6 +267,16 @@ class ApiSource:
                 pending.cancel()
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+
+    def _backslash_escapes(self, coll: Collection) -> bool:
+        """Whether this server's filter syntax reads `\\\\` as a backslash (asked once, only
+        when an id holds one: `'x\\\\'` is a complete literal there and unterminated before)."""
+        if self._filter_backslashes is None:
+            resp = self._request("GET", self._records_path(coll), check=False,
+                                 params={"perPage": 1, "skipTotal": 1, "fields": "id",
+                                         "filter": "id='x\\\\'"})
+            self._filter_backslashes = resp.status_code == 200
+        return self._filter_backslashes
 
     def _records_path(self, coll: Collection) -> str:
         return f"/api/collections/{quote(coll.name, safe='')}/records"
@@ -314,6 +332,7 @@ class ApiSource:
             if not token:
                 raise SourceError(f"{self.url}: superuser login returned no token")
             self.generation = generation
+            self.logins += 1
             self._token = token
             self._token_exp = _jwt_exp(token)
             self.session.headers["Authorization"] = token
@@ -373,6 +392,7 @@ class ApiSource:
                                       f"attempt(s): {_short(exc)}") from exc
                 time.sleep(_backoff(attempt, exc))
                 attempt += 1
+                self.retried += 1
                 continue
             if auth and resp.status_code in (401, 403) and not reauthed:
                 reauthed = True
@@ -416,7 +436,7 @@ def _field_getter(f: Field, unexported: bool, dumps: Callable[[Any], str]) -> Ca
     if f.type == "json":
         return lambda item: _json_storage(item.get(name), dumps)
     if f.type == "geoPoint":
-        return lambda item: None if (v := item.get(name)) is None else dumps(v)
+        return lambda item: _geo_point(item.get(name), dumps)
     return lambda item: item.get(name)
 
 
@@ -429,6 +449,15 @@ def _multi(value: Any, dumps: Callable[[Any], str]) -> str | None:
         return None
     if isinstance(value, str):  # a single value where a list was expected: keep as a list
         value = [value] if value else []
+    return dumps(value)
+
+
+def _geo_point(value: Any, dumps: Callable[[Any], str]) -> str | None:
+    """PocketBase writes `{"lon":..,"lat":..}` (its Go struct order); the API may list lat first."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and set(value) <= {"lon", "lat"}:
+        value = {"lon": value.get("lon", 0), "lat": value.get("lat", 0)}
     return dumps(value)
 
 
@@ -463,21 +492,29 @@ def _detects_html_escaping(raw: str, generation: int) -> bool:
     return "<" not in raw  # no evidence: assume Go's default
 
 
-def _filter_literal(value: str) -> str:
-    """A PocketBase filter string literal: quotes escaped with a backslash."""
+def _filter_literal(value: str, backslash_escapes: bool) -> str:
+    """A PocketBase filter string literal.
+
+    Up to at least 0.23 the filter scanner only knows `\\'` (a backslash before the closing quote
+    always escapes it); 0.40's also reads `\\\\` as one backslash. Without a backslash in the
+    value both agree.
+    """
+    if backslash_escapes:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if value.endswith("\\"):
-        raise SourceError(f"id {value!r} ends with a backslash, which a PocketBase filter cannot quote")
+        raise SourceError(f"id {value!r} ends with a backslash, which this PocketBase's filter "
+                          "syntax cannot quote")
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def _id_filter(lo: str | None, hi: str | None, last: str | None) -> str:
+def _id_filter(lo: str | None, hi: str | None, last: str | None, backslash_escapes: bool) -> str:
     clauses = []
     if last is not None:
-        clauses.append(f"id>{_filter_literal(last)}")
+        clauses.append(f"id>{_filter_literal(last, backslash_escapes)}")
     elif lo is not None:
-        clauses.append(f"id>={_filter_literal(lo)}")
+        clauses.append(f"id>={_filter_literal(lo, backslash_escapes)}")
     if hi is not None:
-        clauses.append(f"id<={_filter_literal(hi)}")
+        clauses.append(f"id<={_filter_literal(hi, backslash_escapes)}")
     return " && ".join(clauses)
 
 

@@ -1,0 +1,106 @@
+"""
+### PocketBase -> PostgreSQL + Redis: full migration
+
+Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
+snapshot of the source, the pre-migration assessment), **schema** (typed tables in the staging
+schema), **data** (one mapped task per id range, then keys, indexes and foreign keys).
+
+Every task is one call into `pbmigrate`; the DAG only wires them. Re-triggering a failed run
+resumes it: batches already in the ledger (`pbm_meta.batches`) are skipped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+from pbm_airflow import default_args, pocketbase_api, postgres_url, source_params
+
+
+@dag(
+    dag_id="pocketbase_migration",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    doc_md=__doc__,
+    tags=["pbmigrate", "migration"],
+    params={
+        **source_params(),
+        "batch_size": Param(100_000, type="integer", minimum=1,
+                            description="Rows per batch task (one id range of one collection)."),
+        "orphans": Param("reject", enum=["reject", "null"],
+                         description="Dangling relation ids: reject the row, or load it with the relation NULL."),
+        "max_reject_ratio": Param(0.0, type="number", minimum=0, maximum=1,
+                                  description="Rejected / read rows above which the gate refuses promotion."),
+    },
+)
+def pocketbase_migration():
+    @task_group(group_id="prepare")
+    def prepare():
+        @task
+        def snapshot() -> dict:
+            from pbmigrate import pipeline
+
+            ctx = get_current_context()
+            p = ctx["params"]
+            params = pipeline.run_params(
+                source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
+                batch_size=p["batch_size"], collections=p["collections"], orphans=p["orphans"],
+            )
+            return pipeline.prepare(params=params, pg_url=postgres_url(), dag_run_id=ctx["run_id"],
+                                    api=pocketbase_api())
+
+        @task
+        def assess(run: dict) -> dict:
+            from pbmigrate import assess
+
+            assess.assess_run(run, postgres_url(), api=pocketbase_api())
+            return run
+
+        return assess(snapshot())
+
+    @task_group(group_id="schema")
+    def schema(run: dict):
+        @task
+        def create_tables(run: dict) -> list[str]:
+            from pbmigrate import pipeline
+
+            return pipeline.create_schema(run, postgres_url(), api=pocketbase_api())
+
+        return create_tables(run)
+
+    @task_group(group_id="data")
+    def data(run: dict, tables: list[str]):
+        @task
+        def plan_batches(run: dict) -> list[dict]:
+            from pbmigrate import pipeline
+
+            return pipeline.plan_batches(run, api=pocketbase_api())
+
+        @task(map_index_template="{{ batch_label }}", max_active_tis_per_dagrun=8)
+        def load(run: dict, batch: dict) -> dict:
+            from pbmigrate import pipeline
+
+            get_current_context()["batch_label"] = batch["label"]
+            return pipeline.run_batch(run, batch, postgres_url(), api=pocketbase_api())
+
+        @task
+        def finalize(run: dict) -> dict:
+            from pbmigrate import pipeline
+
+            return pipeline.finalize_run(run, postgres_url(), api=pocketbase_api())
+
+        batches = plan_batches(run)
+        tables >> batches
+        loaded = load.partial(run=run).expand(batch=batches)
+        done = finalize(run)
+        loaded >> done
+        return done
+
+    run = prepare()
+    data(run, schema(run))
+
+
+pocketbase_migration()

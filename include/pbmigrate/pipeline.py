@@ -1,0 +1,171 @@
+"""One function per DAG task. Each takes plain values (URLs, the run dict) and returns plain,
+JSON-serialisable values for XCom, never secrets.
+
+The run dict travels between tasks: run_id, source kind and snapshot, target and staging schema,
+and the params that shaped it. API credentials are not in it; tasks get them from the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pbmigrate import ddl, meta
+from pbmigrate.checks import check_postgres, safe_url
+from pbmigrate.finalize import ORPHAN_MODES, finalize
+from pbmigrate.load import load_batch
+from pbmigrate.mapping import load_mapping
+from pbmigrate.plan import Plan, build_plan
+from pbmigrate.snapshot import resolve_data_db, take_snapshot
+from pbmigrate.sources import Source, open_source, plan_ranges
+
+log = logging.getLogger("pbmigrate")
+
+
+def work_dir() -> Path:
+    """Where snapshots and reports go; on a multi-worker setup, shared storage."""
+    return Path(os.environ.get("PBM_WORK_DIR", "/tmp/pbmigrate"))
+
+
+def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size: int,
+               collections: list[str] | None, orphans: str) -> dict[str, Any]:
+    if orphans not in ORPHAN_MODES:
+        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
+    if int(batch_size) < 1:
+        raise ValueError("param batch_size must be at least 1")
+    return {
+        "source_path": str(resolve_data_db(source_path)) if source_path else "",
+        "target_schema": target_schema,
+        "mapping": mapping or "",
+        "batch_size": int(batch_size),
+        "collections": sorted(collections or []),
+        "orphans": orphans,
+    }
+
+
+def open_run_source(run: dict, api: dict | None = None) -> Source:
+    if run["source_kind"] == "sqlite":
+        return open_source(run["snapshot_path"])
+    if not api:
+        raise ValueError("API mode needs the pbm_pocketbase connection (url, email, password)")
+    return open_source(None, **api)
+
+
+def run_plan(run: dict, source: Source) -> Plan:
+    p = run["params"]
+    return build_plan(source.catalog(), load_mapping(p["mapping"]), collections=p["collections"],
+                      has_secrets=source.has_secrets)
+
+
+def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = None) -> dict:
+    """Check the target, resume an unfinished run or snapshot the source for a new one."""
+    check_postgres(pg_url)
+    target = params["target_schema"]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        meta.ensure_meta(conn)
+        resumed = meta.resumable_run(conn, target, params)
+        kind = "sqlite" if params["source_path"] else "api"
+        if resumed and (kind == "api" or Path(resumed["snapshot_path"] or "").is_file()):
+            run_id, snapshot, is_resumed = resumed["run_id"], resumed["snapshot_path"], True
+            log.info("resuming run %s: finished batches will be skipped", run_id)
+        else:
+            run_id, is_resumed = dag_run_id, False
+            snapshot = _snapshot(params, run_id, api)
+        run = {
+            "run_id": run_id,
+            "dag_run_id": dag_run_id,
+            "target_schema": target,
+            "staging_schema": ddl.staging_schema(target),
+            "source": params["source_path"] or safe_url((api or {}).get("url", "")),
+            "source_kind": kind,
+            "snapshot_path": snapshot,
+            "params": params,
+            "resumed": is_resumed,
+        }
+        meta.start_run(conn, run)
+    return run
+
+
+def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
+    safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+    dest = work_dir() / params["target_schema"] / safe_id
+    if params["source_path"]:
+        snap = take_snapshot(params["source_path"], dest / "data.db")
+        log.info("snapshot of %s: %s (%s bytes, %.2f s), quick_check ok", snap.source, snap.path, snap.bytes,
+                 snap.seconds)
+        return snap.path
+    from pbmigrate.sources.api import ApiSource
+
+    src = ApiSource(**(api or {}))
+    try:
+        key = src.create_backup(None)
+        path = src.download_backup(key, dest / key)
+        log.info("API mode: PocketBase backup %s downloaded to %s", key, path)
+    finally:
+        src.close()
+    return None
+
+
+def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
+    source = open_run_source(run, api)
+    try:
+        plan = run_plan(run, source)
+    finally:
+        source.close()
+    for w in plan.warnings:
+        log.warning("%s", w)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        tables = ddl.create_schema(conn, run["staging_schema"], plan, fresh=not run["resumed"])
+    log.info("staging schema %s: %d tables", run["staging_schema"], len(tables))
+    return tables
+
+
+def plan_batches(run: dict, api: dict | None = None) -> list[dict]:
+    """Id ranges of `batch_size` rows per collection, with a readable label for the UI."""
+    source = open_run_source(run, api)
+    try:
+        plan = run_plan(run, source)
+        batches = []
+        for t in plan.tables:
+            ranges = plan_ranges(source, t.collection, run["params"]["batch_size"])
+            for r in ranges:
+                batches.append({"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows,
+                                "label": f"{t.collection.name} [{r.lo}..{r.hi}]"})
+            log.info("%s: %d rows in %d batches", t.collection.name, sum(r.rows for r in ranges), len(ranges))
+    finally:
+        source.close()
+    return batches
+
+
+def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
+    source = open_run_source(run, api)
+    try:
+        plan = run_plan(run, source)
+        table = plan.table_for(batch["collection"])
+        with psycopg.connect(pg_url) as conn:
+            result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
+                                lo=batch["lo"], hi=batch["hi"], has_secrets=source.has_secrets)
+    finally:
+        source.close()
+    log.info("%s", result.log_line())
+    return result.as_dict()
+
+
+def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
+    source = open_run_source(run, api)
+    try:
+        plan = run_plan(run, source)
+    finally:
+        source.close()
+    started = time.monotonic()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        report = finalize(conn, run["staging_schema"], plan, run["run_id"], run["params"]["orphans"])
+        meta.set_run_status(conn, run["run_id"], "loaded")
+    report["seconds"] = round(time.monotonic() - started, 3)
+    log.info("finalize: %s", report)
+    return report

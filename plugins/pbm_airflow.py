@@ -1,0 +1,88 @@
+"""Airflow-only glue for the pbmigrate DAGs: connections to URLs, shared params and task defaults.
+
+Connections (names are stable; runbooks use them):
+- `pbm_postgres`: the target PostgreSQL (host, port, login, password, schema = database).
+- `pbm_redis`: Redis; `extra` may hold `{"db": 0}` or `{"cluster": true}` for a Redis Cluster
+  whose other nodes are found by the client.
+- `pbm_pocketbase`: API mode only; host = the PocketBase URL, login = superuser email, password.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from urllib.parse import quote
+
+from airflow.sdk import BaseHook, Param
+
+
+def _conn(conn_id: str):
+    return BaseHook.get_connection(conn_id)
+
+
+def postgres_url(conn_id: str = "pbm_postgres") -> str:
+    """A libpq URL for psycopg, from the connection (via the Postgres provider's hook)."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    c = PostgresHook.get_connection(conn_id)
+    auth = quote(c.login or "", safe="") + (":" + quote(c.password, safe="") if c.password else "")
+    return f"postgresql://{auth}@{c.host or '127.0.0.1'}:{c.port or 5432}/{c.schema or 'postgres'}"
+
+
+def redis_url(conn_id: str = "pbm_redis") -> str:
+    """A redis:// URL (redis+cluster:// when the extra says cluster); the db lives in the extra."""
+    c = _conn(conn_id)
+    extra = c.extra_dejson
+    scheme = "redis+cluster" if extra.get("cluster") else ("rediss" if extra.get("ssl") else "redis")
+    auth = (quote(c.login or "", safe="") + ":" + quote(c.password, safe="") + "@") if c.password else ""
+    db = "" if extra.get("cluster") else f"/{int(extra.get('db', 0))}"
+    return f"{scheme}://{auth}{c.host or '127.0.0.1'}:{c.port or 6379}{db}"
+
+
+def pocketbase_api(conn_id: str = "pbm_pocketbase") -> dict | None:
+    """url/email/password for API mode, or None when the connection is not defined."""
+    try:
+        c = _conn(conn_id)
+    except Exception:  # the connection is optional: SQLite mode does not need it
+        return None
+    host = c.host or ""
+    url = host if "://" in host else f"{c.conn_type if c.conn_type in ('http', 'https') else 'http'}://{host}"
+    if c.port and f":{c.port}" not in url.split("://", 1)[1]:
+        url = f"{url}:{c.port}"
+    return {"url": url.rstrip("/"), "email": c.login, "password": c.password}
+
+
+def default_args() -> dict:
+    """Retries with exponential backoff; PBM_RETRY_DELAY_SECONDS shortens the delay in tests."""
+    delay = float(os.environ.get("PBM_RETRY_DELAY_SECONDS", "15"))
+    return {
+        "owner": "data-engineering",
+        "retries": int(os.environ.get("PBM_RETRIES", "3")),
+        "retry_delay": timedelta(seconds=delay),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=10),
+    }
+
+
+def source_params() -> dict[str, Param]:
+    """The params shared by the migration and re-sync DAGs."""
+    return {
+        "source_path": Param(
+            "", type="string",
+            description="A PocketBase data.db or pb_data folder. Empty: API mode through the "
+                        "pbm_pocketbase connection (password hashes cannot be exported that way).",
+        ),
+        "target_schema": Param(
+            "game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
+            description="Live PostgreSQL schema; the load goes to <target_schema>_staging first.",
+        ),
+        "mapping": Param(
+            "game.yaml", type="string",
+            description="Mapping file (a name under include/mappings or a path). Empty: copy every "
+                        "collection under its own name.",
+        ),
+        "collections": Param(
+            [], type="array", items={"type": "string"},
+            description="Only these collections (empty: all).",
+        ),
+    }
