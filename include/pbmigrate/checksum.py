@@ -59,6 +59,10 @@ def _jsonb(v: Any) -> str:
     return NULL if v is None else jsonb_text(v)
 
 
+def _other(v: Any) -> str:
+    return NULL if v is None else str(v)
+
+
 PY_CANON: dict[str, Callable[[Any], str]] = {
     "text": _text,
     "bigint": _bigint,
@@ -68,6 +72,7 @@ PY_CANON: dict[str, Callable[[Any], str]] = {
     "text[]": _text_array,
     "jsonb": _jsonb,
     "point": _point,
+    "other": _other,  # mapping type overrides: compared as text
 }
 
 _NULLSAFE = "coalesce({e}, '\\N')"
@@ -80,7 +85,12 @@ SQL_CANON: dict[str, str] = {
     "text[]": "array_to_json({c})::text",
     "jsonb": _NULLSAFE.format(e="{c}::text"),
     "point": "encode(float8send({c}[0]), 'hex') || encode(float8send({c}[1]), 'hex')",
+    "other": _NULLSAFE.format(e="{c}::text"),
 }
+
+
+def canon_key(pg_type: str) -> str:
+    return pg_type if pg_type in PY_CANON else "other"
 
 
 def digest(canonical: str) -> int:
@@ -98,13 +108,16 @@ def sql_row_digest(columns: Sequence[tuple[str, str]]) -> str:
     return f"('x' || left(md5(concat_ws(E'\\x1f', {parts})), 16))::bit(64)::bigint"
 
 
-def junction_canon(owner: str, position: int, target: str) -> str:
-    return f"{owner}{SEP}{position}{SEP}{target}"
+def junction_digest(table: str, owner: str, position: int, target: str) -> int:
+    """A junction row counts in its owner's batch, prefixed by the junction table's name."""
+    return digest(f"{table}{SEP}{owner}{SEP}{position}{SEP}{target}")
 
 
-SQL_JUNCTION_DIGEST = (
-    "('x' || left(md5(concat_ws(E'\\x1f', owner_id, position::text, target_id)), 16))::bit(64)::bigint"
-)
+def sql_junction_digest(table: str, owner_col: str, target_col: str) -> str:
+    """SQL twin of `junction_digest`; the column names are already quoted."""
+    lit = "'" + table.replace("'", "''") + "'"
+    return (f"('x' || left(md5(concat_ws(E'\\x1f', {lit}, {owner_col}, position::text, {target_col})), 16))"
+            "::bit(64)::bigint")
 
 
 def fold(total: int) -> int:

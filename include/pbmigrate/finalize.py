@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from pbmigrate import ledger
 from pbmigrate.plan import Junction, Plan, Table, qi
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str
                 args: tuple, field_name: str, reason: str) -> int:
     """Move the rows whose ids `select_ids` returns into pbm_meta.rejects."""
     s, t = qi(schema), qi(table.name)
+    removed = ledger.owner_sums(conn, schema, table, run_id, select_ids, args)
     n = conn.execute(
         f"""WITH bad AS ({select_ids})
             INSERT INTO pbm_meta.rejects (run_id, collection, record_id, field, reason, stage)
@@ -68,11 +70,11 @@ def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str
         conn.execute(f"DELETE FROM {s}.{t} WHERE id IN ({select_ids})", args)
         for j in table.junctions:
             conn.execute(f"DELETE FROM {s}.{qi(j.table)} WHERE {qi(j.owner)} NOT IN (SELECT id FROM {s}.{t})")
+        ledger.adjust(conn, run_id, table.collection.name, ledger.negate(removed))
     return n
 
 
-def reject_duplicates(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str,
-                      report: FinalizeReport) -> None:
+def reject_duplicates(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str) -> None:
     """Rows that would break a unique index: the first by id stays, the others are rejected."""
     for t in plan.tables:
         for idx in (i for i in t.indexes if i.unique):
@@ -81,14 +83,11 @@ def reject_duplicates(conn: psycopg.Connection, schema: str, plan: Plan, run_id:
             where = f"({idx.where}) AND {not_null}" if idx.where else not_null
             select = (f"SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY {', '.join(exprs)} "
                       f"ORDER BY id) AS rn FROM {qi(schema)}.{qi(t.name)} WHERE {where}) d WHERE rn > 1")
-            n = _reject_ids(conn, schema, t, run_id, select, (), ",".join(idx.columns),
+            _reject_ids(conn, schema, t, run_id, select, (), ",".join(idx.columns),
                             f"duplicate value under unique index {idx.name} (the row with the lowest id was kept)")
-            if n:
-                report.duplicates[f"{t.name}.{idx.name}"] = n
 
 
-def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, mode: str,
-                    report: FinalizeReport) -> None:
+def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, mode: str) -> None:
     """Dangling relation ids, by policy: `reject` the row, or `null` the value (drop the junction
     row). Repeats until stable, because rejecting a row can orphan the rows pointing at it."""
     if mode not in ORPHAN_MODES:
@@ -109,7 +108,6 @@ def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: s
                     n = _junction_orphans(conn, schema, t, j, run_id, mode, counts)
                     changed |= n > 0
     for (coll, fname, target), (n, examples) in counts.items():
-        report.orphans[f"{coll}.{fname}"] = n
         conn.execute(
             """INSERT INTO pbm_meta.orphans (run_id, collection, field, target, mode, count, examples)
                VALUES (%s, %s, %s, %s, %s, %s, %s)
@@ -133,7 +131,14 @@ def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str
     if not ids:
         return 0
     if mode == "null":
-        n = conn.execute(f"UPDATE {s}.{qi(t.name)} SET {c} = NULL WHERE id IN ({select})").rowcount
+        conn.execute('CREATE TEMP TABLE IF NOT EXISTS pbm_affected (id text COLLATE "C") ON COMMIT DROP')
+        conn.execute("TRUNCATE pbm_affected")
+        conn.execute(f"INSERT INTO pbm_affected {select}")
+        affected = "SELECT id FROM pbm_affected"
+        before = ledger.row_sums(conn, schema, t, run_id, affected)
+        n = conn.execute(f"UPDATE {s}.{qi(t.name)} SET {c} = NULL WHERE id IN ({affected})").rowcount
+        ledger.adjust(conn, run_id, t.collection.name,
+                      ledger.difference(ledger.row_sums(conn, schema, t, run_id, affected), before))
     else:
         n = _reject_ids(conn, schema, t, run_id, select, (), fname,
                         f"dangling relation: {fname} points at a missing {target} record")
@@ -152,8 +157,10 @@ def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Juncti
         return 0
     key = (t.collection.name, j.field.name, j.target_table or "")
     if mode == "null":
-        n = conn.execute(f"DELETE FROM {s}.{jt} x WHERE NOT EXISTS "
-                         f"(SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})").rowcount
+        missing = f"NOT EXISTS (SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})"
+        removed = ledger.junction_sums(conn, schema, t, run_id, missing, only=j)
+        n = conn.execute(f"DELETE FROM {s}.{jt} x WHERE {missing}").rowcount
+        ledger.adjust(conn, run_id, t.collection.name, ledger.negate(removed))
     else:
         n = _reject_ids(conn, schema, t, run_id, dangling, (), j.field.name,
                         f"dangling relation: {j.field.name} holds an id missing from {j.target_table}")
@@ -205,6 +212,18 @@ def create_views(conn: psycopg.Connection, schema: str, plan: Plan, report: Fina
         report.views.append(name)
 
 
+def _read_back(conn: psycopg.Connection, run_id: str, report: FinalizeReport) -> None:
+    """Counts from pbm_meta, so a re-run (which finds nothing new) reports the same figures."""
+    report.orphans = {f"{c}.{f}": n for c, f, n in conn.execute(
+        "SELECT collection, field, count FROM pbm_meta.orphans WHERE run_id = %s ORDER BY 1, 2", (run_id,))}
+    report.duplicates = {f"{c}.{f}": n for c, f, n in conn.execute(
+        """SELECT collection, field, count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize'
+              AND reason LIKE 'duplicate value%%' GROUP BY 1, 2 ORDER BY 1, 2""", (run_id,))}
+    report.orphan_rejects = conn.execute(
+        "SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize' AND reason LIKE 'dangling%%'",
+        (run_id,)).fetchone()[0]
+
+
 def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orphans: str = "reject") -> dict:
     """Everything after the load, in one transaction: either all of it holds or none of it does."""
     report = FinalizeReport()
@@ -212,11 +231,9 @@ def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orp
     # rejects and orphan counts of an earlier committed finalize stay as they are.
     with conn.transaction():
         add_primary_keys(conn, schema, plan)
-        reject_duplicates(conn, schema, plan, run_id, report)
-        resolve_orphans(conn, schema, plan, run_id, orphans, report)
-        report.orphan_rejects = conn.execute(
-            "SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize'", (run_id,)
-        ).fetchone()[0]
+        reject_duplicates(conn, schema, plan, run_id)
+        resolve_orphans(conn, schema, plan, run_id, orphans)
+        _read_back(conn, run_id, report)
         create_indexes(conn, schema, plan, report)
         add_foreign_keys(conn, schema, plan, report)
         create_views(conn, schema, plan, report)

@@ -105,11 +105,10 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
         return done
     convs = table.converters(has_secrets)
     positions = [c.position for c in table.columns]
-    canons = [checksum.PY_CANON[c.type] if c.type in checksum.PY_CANON else checksum.PY_CANON["text"]
-              for c in table.columns]
+    canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
     pairs = list(zip(convs, positions))
     junction_multi = [(j, multi(j.field)) for j in table.junctions]
-    digest, row_canon, jcanon = checksum.digest, checksum.row_canon, checksum.junction_canon
+    digest, row_canon, jdigest = checksum.digest, checksum.row_canon, checksum.junction_digest
     total = 0
     read = loaded = junction_rows = 0
     rejects: list[tuple[str, str, str]] = []
@@ -134,7 +133,7 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
                 for j, ids in jrows:
                     for pos, target in enumerate(ids):
                         spool.write(json.dumps((j.table, owner, target, pos)) + "\n")
-                        total += digest(f"{j.table}\x1f" + jcanon(owner, pos, target))
+                        total += jdigest(j.table, owner, pos, target)
                         junction_rows += 1
         _copy_junctions(conn, schema, table, spool)
         if rejects:
@@ -148,10 +147,10 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
                              checksum.as_hex(total), time.monotonic() - started)
         conn.execute(
             """INSERT INTO pbm_meta.batches (run_id, collection, target_table, lo, hi, rows_read, rows_loaded,
-                   rows_rejected, junction_rows, checksum, status, seconds, rows_per_s)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'done', %s, %s)""",
+                   rows_rejected, junction_rows, source_checksum, checksum, status, seconds, rows_per_s)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'done', %s, %s)""",
             (run_id, coll.name, table.name, lo, hi, read, loaded, result.rows_rejected, junction_rows,
-             result.checksum, result.seconds, result.rows_per_s),
+             result.checksum, result.checksum, result.seconds, result.rows_per_s),
         )
     return result
 

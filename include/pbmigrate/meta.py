@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS pbm_meta.batches (
     rows_loaded     bigint NOT NULL,
     rows_rejected   bigint NOT NULL,
     junction_rows   bigint NOT NULL DEFAULT 0,
-    checksum        text NOT NULL,
+    source_checksum text NOT NULL,          -- what the batch loaded
+    checksum        text NOT NULL,          -- what the target must hash to (after finalize)
     status          text NOT NULL,
     seconds         double precision,
     rows_per_s      double precision,

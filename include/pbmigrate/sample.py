@@ -247,7 +247,7 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
     match_ids = gen.ids(counts["matches"])
     in_progress = set(rng.sample(range(len(match_ids)), min(max(3, len(match_ids) // 100), 1000,
                                                            len(match_ids))))
-    lineups: list[list[int]] = []
+    lineups: list[tuple[list[int], int, bool]] = []  # players, created ms, has placements
     extra_players = counts["participants"] / max(1, len(match_ids)) - 2  # beyond the minimum 2
 
     def matches() -> Iterator[tuple]:
@@ -255,12 +255,12 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
             extra = round(rng.expovariate(1 / extra_players)) if extra_players > 0.05 else 0
             k = min(10, n_users, 2 + extra)
             players = rng.sample(range(n_users), min(k, n_users))
-            lineups.append(players)
             created, updated, created_ms = gen.created_updated()
             if m in in_progress:
                 status = "in_progress"
             else:
                 status = rng.choices(("waiting", "finished", "abandoned"), (2, 90, 8))[0]
+            lineups.append((players, created_ms, status in ("finished", "abandoned")))
             started = pb_date(created_ms + 60_000) if status != "waiting" else ""
             ended = pb_date(created_ms + rng.randrange(300_000, 3_600_000)) \
                 if status in ("finished", "abandoned") else ""
@@ -283,13 +283,15 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
     participant_ids: list[str] = []
 
     def participants() -> Iterator[tuple]:
-        for m, players in enumerate(lineups):
-            created, updated, _ = gen.created_updated()
+        for m, (players, match_ms, placed) in enumerate(lineups):
+            created = pb_date(match_ms + rng.randrange(60_000))
+            updated = pb_date(match_ms + rng.randrange(300_000, 3_600_000)) if placed else created
             for place, p in enumerate(players, start=1):
                 pid = gen.new_id()
                 participant_ids.append(pid)
-                yield (pid, match_ids[m], user_ids[p], 1 + place % 2,
-                       round(rng.uniform(0, 5000), 2), place, created, updated)
+                score = round(rng.uniform(0, 5000), 2) if placed else 0
+                yield (pid, match_ids[m], user_ids[p], 1 + place % 2, score, place if placed else 0,
+                       created, updated)
 
     _insert(conn, "participants", ["id", "match", "user", "team", "score", "placement", "created",
                                    "updated"], participants())

@@ -1,0 +1,97 @@
+"""Per-batch checksums on the target side, and ledger adjustments.
+
+`pbm_meta.batches.source_checksum` is what the batch loaded; `checksum` is what the target must
+hash to for that id range. They differ only where finalize rejected a row (orphan, duplicate) or
+nulled a dangling relation, and finalize records each such change here with its exact digest.
+Validation recomputes `target_sums` inside PostgreSQL and compares with `checksum`.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from pbmigrate import checksum
+from pbmigrate.plan import Junction, Table, qi
+
+_IN_BATCH = ('JOIN pbm_meta.batches b ON b.run_id = %s AND b.collection = %s '
+             'AND {id} >= (b.lo COLLATE "C") AND {id} <= (b.hi COLLATE "C")')
+
+
+def row_digest_sql(table: Table, alias: str = "x") -> str:
+    cols = [(f"{alias}.{qi(c.name)}", checksum.canon_key(c.type)) for c in table.columns]
+    return checksum.sql_row_digest(cols)
+
+
+def junction_digest_sql(j: Junction, alias: str = "x") -> str:
+    return checksum.sql_junction_digest(j.table, f"{alias}.{qi(j.owner)}", f"{alias}.{qi(j.target)}")
+
+
+def _sums(conn: psycopg.Connection, sql: str, args: tuple) -> dict[str, int]:
+    return {lo: int(total) for lo, total in conn.execute(sql, args) if total is not None}
+
+
+def _merge(*parts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for lo, v in part.items():
+            out[lo] = out.get(lo, 0) + v
+    return out
+
+
+def row_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, ids_sql: str | None = None,
+             args: tuple = ()) -> dict[str, int]:
+    """Digest sums of table rows per batch (only ids from `ids_sql` when given)."""
+    where = f"WHERE x.id IN ({ids_sql})" if ids_sql else ""
+    sql = (f"SELECT b.lo, sum({row_digest_sql(table)})::text FROM {qi(schema)}.{qi(table.name)} x "
+           f"{_IN_BATCH.format(id='x.id')} {where} GROUP BY b.lo")
+    return _sums(conn, sql, (run_id, table.collection.name, *args))
+
+
+def junction_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, where: str = "",
+                  args: tuple = (), only: Junction | None = None) -> dict[str, int]:
+    """Digest sums of junction rows per owner's batch, optionally filtered (`where` uses alias x)."""
+    parts = []
+    for j in table.junctions:
+        if only is not None and j is not only:
+            continue
+        sql = (f"SELECT b.lo, sum({junction_digest_sql(j)})::text FROM {qi(schema)}.{qi(j.table)} x "
+               f"{_IN_BATCH.format(id='x.' + qi(j.owner))} {('WHERE ' + where) if where else ''} GROUP BY b.lo")
+        parts.append(_sums(conn, sql, (run_id, table.collection.name, *args)))
+    return _merge(*parts)
+
+
+def target_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str) -> dict[str, int]:
+    """What the target holds, per batch: the figure validation compares with the ledger."""
+    return _merge(row_sums(conn, schema, table, run_id), junction_sums(conn, schema, table, run_id))
+
+
+def owner_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, ids_sql: str,
+               args: tuple = ()) -> dict[str, int]:
+    """Rows from `ids_sql` plus their junction rows: what rejecting those rows removes."""
+    jwhere = " OR ".join(f"x.{qi(j.owner)} IN ({ids_sql})" for j in table.junctions)
+    jargs = args * len(table.junctions)
+    return _merge(row_sums(conn, schema, table, run_id, ids_sql, args),
+                  junction_sums(conn, schema, table, run_id, jwhere, jargs) if table.junctions else {})
+
+
+def adjust(conn: psycopg.Connection, run_id: str, collection: str, deltas: dict[str, int]) -> None:
+    """Move each batch's expected checksum by `delta` (mod 2**64)."""
+    for lo, delta in deltas.items():
+        if not delta:
+            continue
+        (current,) = conn.execute(
+            "SELECT checksum FROM pbm_meta.batches WHERE run_id = %s AND collection = %s AND lo = %s",
+            (run_id, collection, lo),
+        ).fetchone()
+        conn.execute(
+            "UPDATE pbm_meta.batches SET checksum = %s WHERE run_id = %s AND collection = %s AND lo = %s",
+            (checksum.as_hex(int(current, 16) + delta), run_id, collection, lo),
+        )
+
+
+def negate(sums: dict[str, int]) -> dict[str, int]:
+    return {lo: -v for lo, v in sums.items()}
+
+
+def difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return _merge(after, negate(before))
