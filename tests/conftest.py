@@ -74,3 +74,28 @@ def fixture_022(tmp_path: Path) -> Path:
     dest = tmp_path / "pb_data"
     shutil.copytree(FIXTURE_022, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
+    """One Airflow home (SQLite metadata) for every dag.test() run of the session."""
+    import airflow_local
+
+    home = tmp_path_factory.mktemp("airflow_home")
+    airflow_local.configure(home, pg_url=pg_url, redis_url=REDIS_TEST_URL, retry_delay=0.05)
+    return home
+
+
+@pytest.fixture
+def run_dag(airflow_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run a DAG with dag.test() against a given target database: run_dag(dag_id, conf, pg_url=...)."""
+    import airflow_local
+
+    def _run(dag_id: str, conf: dict, *, pg_url: str | None = None, redis_url: str | None = None):
+        if pg_url:
+            monkeypatch.setenv("AIRFLOW_CONN_PBM_POSTGRES", pg_url)
+        if redis_url:
+            monkeypatch.setenv("AIRFLOW_CONN_PBM_REDIS", redis_url)
+        return airflow_local.run_dag(dag_id, conf)
+
+    return _run

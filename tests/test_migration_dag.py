@@ -1,0 +1,87 @@
+"""The pocketbase_migration DAG end to end with dag.test(), on real PocketBase databases."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pbmigrate.mapping import load_mapping
+from pbmigrate.plan import build_plan
+from pbmigrate.sources.sqlite import SqliteSource
+from tests.compare import assert_migrated
+
+
+def _run_id(pg_url: str, target: str) -> str:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute("SELECT run_id FROM pbm_meta.runs WHERE target_schema = %s ORDER BY started_at DESC "
+                            "LIMIT 1", (target,)).fetchone()[0]
+
+
+def _plan(db: Path, mapping: str = ""):
+    src = SqliteSource(db)
+    try:
+        return build_plan(src.catalog(), load_mapping(mapping))
+    finally:
+        src.close()
+
+
+def test_pocketbase_022_fixture_migrates_every_field_of_every_record(run_dag, fresh_pg_url, fixture_022):
+    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "fx",
+                                          "batch_size": 2, "max_reject_ratio": 0}, pg_url=fresh_pg_url)
+    assert dr.state == "success"
+    run_id = _run_id(fresh_pg_url, "fx")
+    compared = assert_migrated(str(fixture_022 / "data.db"), fresh_pg_url, "fx_staging", _plan(fixture_022 / "data.db"),
+                               run_id)
+    assert compared == 22  # every record of the 8 record collections (views are not copied)
+    with psycopg.connect(fresh_pg_url) as conn:
+        fks = conn.execute("SELECT count(*) FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                           "WHERE n.nspname = 'fx_staging' AND c.contype = 'f' AND c.convalidated").fetchone()[0]
+        batches = conn.execute("SELECT count(*), sum(rows_read) FROM pbm_meta.batches WHERE run_id = %s",
+                               (run_id,)).fetchone()
+        hashes = conn.execute('SELECT "passwordHash" FROM fx_staging.users ORDER BY id').fetchall()
+    assert fks >= 20  # single relations and junction tables, all VALID
+    assert batches == (13, 22)  # batch_size 2 -> ranges per collection
+    assert all(h[0].startswith("$2a$") for h in hashes)  # players can still log in
+
+
+def test_bad_values_go_to_rejects_with_reasons_while_good_rows_load(run_dag, fresh_pg_url, fixture_022):
+    db = fixture_022 / "data.db"
+    with sqlite3.connect(db) as raw:  # raw SQL writes, as a script outside PocketBase might do
+        raw.execute("UPDATE demo1 SET datetime = '2024-13-45 99:00:00Z' WHERE id = '84nmscqy84lsi1t'")
+        raw.execute("UPDATE demo2 SET title = 'a' || char(0) || 'b' WHERE id = '0yxhwia2amd8gec'")
+        raw.execute("UPDATE demo4 SET json_object = '{\"broken\": ' WHERE id = 'i9naidtvr6qsgb4'")
+        raw.execute("UPDATE demo5 SET rel_one = 'missing0000001' WHERE id = 'la4y2w4o98acwuj'")
+    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "bad",
+                                          "orphans": "null"}, pg_url=fresh_pg_url)
+    assert dr.state == "success"
+    run_id = _run_id(fresh_pg_url, "bad")
+    with psycopg.connect(fresh_pg_url) as conn:
+        rejects = {(c, r, f): reason for c, r, f, reason in conn.execute(
+            "SELECT collection, record_id, field, reason FROM pbm_meta.rejects WHERE run_id = %s", (run_id,))}
+        orphans = conn.execute("SELECT collection, field, mode, count FROM pbm_meta.orphans WHERE run_id = %s",
+                               (run_id,)).fetchall()
+        rel = conn.execute("SELECT rel_one FROM bad_staging.demo5 WHERE id = 'la4y2w4o98acwuj'").fetchone()
+    assert "not a date" in rejects[("demo1", "84nmscqy84lsi1t", "datetime")]
+    assert "NUL byte" in rejects[("demo2", "0yxhwia2amd8gec", "title")]
+    assert "invalid JSON" in rejects[("demo4", "i9naidtvr6qsgb4", "json_object")]
+    # one injected dangling id, plus one row whose target (demo4 i9naidtvr6qsgb4) was itself rejected
+    assert ("demo5", "rel_one", "null", 2) in orphans and rel == (None,)
+    assert assert_migrated(str(db), fresh_pg_url, "bad_staging", _plan(db), run_id, orphans="null") == 19
+
+
+def test_unknown_collection_in_params_fails_the_run_with_its_name(run_dag, fresh_pg_url, fixture_022):
+    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "oops",
+                                          "collections": ["nope"]}, pg_url=fresh_pg_url)
+    assert dr.state == "failed"
+
+
+@pytest.mark.parametrize("bad", ["/no/such/pb_data", "/etc/hostname"])
+def test_a_source_that_is_not_pocketbase_fails_before_anything_is_written(run_dag, fresh_pg_url, bad):
+    dr = run_dag("pocketbase_migration", {"source_path": bad, "mapping": "", "target_schema": "nothing"},
+                 pg_url=fresh_pg_url)
+    assert dr.state == "failed"
+    with psycopg.connect(fresh_pg_url) as conn:
+        assert conn.execute("SELECT to_regnamespace('nothing_staging')").fetchone() == (None,)
