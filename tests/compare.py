@@ -8,7 +8,6 @@ import sqlite3
 from datetime import datetime, timezone
 
 import psycopg
-
 from pbmigrate.plan import Plan, qi
 
 

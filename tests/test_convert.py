@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-
 from pbmigrate.catalog import Field
 from pbmigrate.convert import Reject, converter_for
 
