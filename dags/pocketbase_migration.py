@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
 from pbm_airflow import default_args, pocketbase_api, postgres_url, source_params
 
 
@@ -77,7 +77,7 @@ def pocketbase_migration():
         def plan_batches(run: dict) -> list[dict]:
             from pbmigrate import pipeline
 
-            return pipeline.plan_batches(run, api=pocketbase_api())
+            return pipeline.plan_batches(run, api=pocketbase_api(), max_batches=conf.getint("core", "max_map_length"))
 
         @task(map_index_template="{{ batch_label }}", max_active_tis_per_dagrun=8)
         def load(run: dict, batch: dict) -> dict:

@@ -125,8 +125,10 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
     return tables
 
 
-def plan_batches(run: dict, api: dict | None = None) -> list[dict]:
-    """Id ranges of `batch_size` rows per collection, with a readable label for the UI."""
+def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None) -> list[dict]:
+    """Id ranges of `batch_size` rows per collection, with a readable label for the UI.
+
+    `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -139,6 +141,11 @@ def plan_batches(run: dict, api: dict | None = None) -> list[dict]:
             log.info("%s: %d rows in %d batches", t.collection.name, sum(r.rows for r in ranges), len(ranges))
     finally:
         source.close()
+    if max_batches and len(batches) > max_batches:
+        size = run["params"]["batch_size"]
+        needed = size * (len(batches) // max_batches + 1)
+        raise ValueError(f"{len(batches)} batches exceed Airflow's max_map_length ({max_batches}); "
+                         f"set batch_size to {needed} or more (it is {size})")
     return batches
 
 
