@@ -81,8 +81,8 @@ def assert_migrated(source_db: str, pg_url: str, schema: str, plan: Plan, run_id
                     if c.field.secret and not plan.has_secrets:
                         continue
                     want = expected(c.field, row[c.position])
-                    target = targets.get((t.name, c.name))
-                    if orphans == "null" and target and want not in present[target]:
+                    fk_target = targets.get((t.name, c.name))
+                    if orphans == "null" and fk_target and want not in present[fk_target]:
                         want = None
                     assert actual(c.field, got[i]) == want, f"{t.name}.{rid}.{c.name}: {got[i]!r} != {want!r}"
                 for j in t.junctions:
