@@ -23,4 +23,11 @@ if ! redis_up; then
   for _ in $(seq 30); do redis_up && break; sleep 0.5; done
 fi
 redis_up || { echo "Redis does not answer on 127.0.0.1:6379" >&2; exit 1; }
+# Prometheus and its Pushgateway, binaries only, for tests/test_monitoring.py (no service is started).
+if ! command -v promtool >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
+  export RUNLEVEL=1
+  apt_install --no-install-recommends prometheus prometheus-pushgateway
+fi
+# pgloader, the peer the benchmark in bench/ measures against.
+command -v pgloader >/dev/null || apt_install pgloader || echo "pgloader unavailable: bench/ will skip it" >&2
 echo "services: PostgreSQL and Redis answer"

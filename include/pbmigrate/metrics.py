@@ -108,22 +108,30 @@ def _push(
     url = gateway_url()
     if url is None:
         return False
-    registry = CollectorRegistry()
-    for name, value in values.items():
-        if isinstance(value, Mapping):
-            gauge = Gauge(name, METRICS[name], labelnames, registry=registry)
-            for label_values, number in value.items():
-                gauge.labels(*label_values).set(float(number))
-        else:
-            Gauge(name, METRICS[name], registry=registry).set(float(value))
-    key = {k: str(v) for k, v in grouping.items()}
-    push = push_to_gateway if replace else pushadd_to_gateway
     try:
+        registry = CollectorRegistry()
+        for name, value in values.items():
+            if isinstance(value, Mapping):
+                gauge = Gauge(name, METRICS[name], labelnames, registry=registry)
+                for label_values, number in value.items():
+                    gauge.labels(*label_values).set(float(number))
+            else:
+                Gauge(name, METRICS[name], registry=registry).set(float(value))
+        key = {k: str(v) for k, v in grouping.items()}
+        push = push_to_gateway if replace else pushadd_to_gateway
         push(url, job=JOB, registry=registry, grouping_key=key, timeout=TIMEOUT_SECONDS)
     except Exception as exc:  # best effort: a metrics outage never fails a migration
         log.warning("metrics: push to Pushgateway %s failed (%s: %s)", _where(url), type(exc).__name__, exc)
         return False
     return True
+
+
+def _per_second(rows: float, seconds: float) -> float:
+    """Rows per second; 0 for a zero or unusable duration (a metrics call never raises)."""
+    try:
+        return rows / seconds if seconds > 0 else 0.0
+    except TypeError:
+        return 0.0
 
 
 def push_plan(collection: str, rows_source: int, batches: int, run_id: str) -> bool:
@@ -141,17 +149,21 @@ def push_batch(
     rows_rejected: int,
     seconds: float,
     run_id: str,
-    batch: str | int = "0",
+    *,
+    batch: str | int,
 ) -> bool:
-    """At the end of a batch task: its counts, duration and throughput in a group of its own."""
-    rate = rows_read / seconds if seconds > 0 else 0.0
+    """At the end of a batch task: its counts, duration and throughput in a group of its own.
+
+    `batch` names the batch within its collection (its id range, say): batches of one collection
+    that shared a name would overwrite each other in the Pushgateway.
+    """
     return _push(
         {
             "pbm_batch_rows_read": rows_read,
             "pbm_batch_rows_loaded": rows_loaded,
             "pbm_batch_rows_rejected": rows_rejected,
             "pbm_batch_duration_seconds": seconds,
-            "pbm_batch_rows_per_second": rate,
+            "pbm_batch_rows_per_second": _per_second(rows_read, seconds),
             "pbm_batch_end_timestamp_seconds": time.time(),
         },
         {"run_id": run_id, "collection": collection, "batch": str(batch)},

@@ -52,7 +52,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,12 @@ _RULES = ("listRule", "viewRule", "createRule", "updateRule", "deleteRule")
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PBM_CACHE_DIR") or ROOT / ".cache")
+    """PBM_CACHE_DIR, else the repo's .cache (git-ignored), else ~/.cache/pbmigrate when installed."""
+    if os.environ.get("PBM_CACHE_DIR"):
+        return Path(os.environ["PBM_CACHE_DIR"])
+    if (ROOT / "pyproject.toml").is_file():
+        return ROOT / ".cache"
+    return Path.home() / ".cache" / "pbmigrate"
 
 
 def _venv_binary() -> Path:
@@ -200,7 +204,8 @@ def check(resp: requests.Response) -> Any:
     return resp.json()
 
 
-_RUNNING: weakref.WeakSet[PocketBaseServer] = weakref.WeakSet()
+# Strong references: a server object dropped without stop() must still be stopped at exit.
+_RUNNING: set[PocketBaseServer] = set()
 
 
 @atexit.register
@@ -286,7 +291,10 @@ class PocketBaseServer:
                 return False
             try:
                 if requests.get(self.url + "/api/health", timeout=2).status_code == 200:
-                    return True
+                    # Another process that grabbed the port could have answered: ours, having
+                    # failed to bind, exits at once, so make sure it is still alive.
+                    time.sleep(0.1)
+                    return self._proc.poll() is None
             except requests.RequestException:
                 pass
             time.sleep(0.05)

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from pbmigrate import ddl, meta
+from pbmigrate import ddl, meta, metrics
 from pbmigrate.checks import check_postgres, safe_url
 from pbmigrate.finalize import ORPHAN_MODES, finalize
 from pbmigrate.load import load_batch
@@ -138,7 +138,9 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
             for r in ranges:
                 batches.append({"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows,
                                 "label": f"{t.collection.name} [{r.lo}..{r.hi}]"})
-            log.info("%s: %d rows in %d batches", t.collection.name, sum(r.rows for r in ranges), len(ranges))
+            rows = sum(r.rows for r in ranges)
+            log.info("%s: %d rows in %d batches", t.collection.name, rows, len(ranges))
+            metrics.push_plan(t.collection.name, rows, len(ranges), run["run_id"])
     finally:
         source.close()
     if max_batches and len(batches) > max_batches:
@@ -160,6 +162,9 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
     finally:
         source.close()
     log.info("%s", result.log_line())
+    if not result.skipped:
+        metrics.push_batch(result.collection, result.rows_read, result.rows_loaded, result.rows_rejected,
+                           result.seconds, run["run_id"], batch=f"{result.lo}..{result.hi}")
     return result.as_dict()
 
 
@@ -173,6 +178,10 @@ def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         report = finalize(conn, run["staging_schema"], plan, run["run_id"], run["params"]["orphans"])
         meta.set_run_status(conn, run["run_id"], "loaded")
+        (data_seconds,) = conn.execute(
+            "SELECT extract(epoch FROM now() - min(finished_at - seconds * interval '1 second'))::float8 "
+            "FROM pbm_meta.batches WHERE run_id = %s", (run["run_id"],)).fetchone()
     report["seconds"] = round(time.monotonic() - started, 3)
     log.info("finalize: %s", report)
+    metrics.push_phase("data", data_seconds or report["seconds"], True, run["run_id"])
     return report

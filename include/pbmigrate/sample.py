@@ -41,6 +41,7 @@ ITEMS = ("sword", "shield", "bow", "staff", "potion_hp", "potion_mp", "helmet", 
          "ring_of_haste", "amulet", "dragon_scale", "lucky_coin", "map_fragment", "skin_neon",
          "skin_lotus", "emote_wave")
 RARITIES = ("common", "uncommon", "rare", "epic", "legendary")
+ENCHANTS = ("fire", "ice", "void")
 ACHIEVEMENTS = tuple(f"{verb}_{n}" for verb in ("win", "play", "collect", "explore", "befriend",
                                                  "craft") for n in (1, 5, 10, 25, 50, 100, 250, 500))
 FIRST = ("Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Anna", "Lukas", "Søren", "José", "Zoë",
@@ -57,7 +58,12 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SPAN_MS = 180 * 86_400_000  # records created over the first half of 2026
 _ID = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-_DAYS = [(T0 + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(400)]
+# Random bytes -> alphabet in one bytes.translate (a 2M-row build makes ~2M ids and 100k tokens).
+_ID_TABLE = bytes(ord(_ID[b % len(_ID)]) for b in range(256))
+_TOKEN_TABLE = bytes(ord(_TOKEN[b % len(_TOKEN)]) for b in range(256))
+_DAYS = [(T0 + timedelta(days=d)).strftime("%Y-%m-%d ") for d in range(400)]
+_SECONDS = [f"{h:02d}:{m:02d}:{s:02d}." for h in range(24) for m in range(60) for s in range(60)]
+_MILLIS = [f"{ms:03d}Z" for ms in range(1000)]
 _T0_MS = int(T0.timestamp() * 1000)
 
 
@@ -131,10 +137,10 @@ def collection_specs() -> list[dict]:
     ]
 
 
-def plan_counts(rows: int) -> dict[str, int]:
+def plan_counts(rows: int, api_users: int = API_USERS) -> dict[str, int]:
     """Target rows per collection for a total of about `rows` (never fewer than the API users)."""
     counts = {name: int(rows * share) for name, share in SHARES.items()}
-    counts["users"] = max(counts["users"], API_USERS)
+    counts["users"] = max(counts["users"], api_users, 1)
     counts["matches"] = max(counts["matches"], 4)
     # unique (user, season) and top-N per season need enough players
     counts["user_stats"] = min(counts["user_stats"], counts["users"] * len(SEASONS))
@@ -144,12 +150,22 @@ def plan_counts(rows: int) -> dict[str, int]:
 
 
 def pb_date(ms: int) -> str:
-    """Epoch milliseconds -> PocketBase's `YYYY-MM-DD HH:MM:SS.sssZ` (fast: no datetime)."""
+    """Epoch milliseconds -> PocketBase's `YYYY-MM-DD HH:MM:SS.sssZ` (table lookups, no datetime)."""
     day, rem = divmod(ms - _T0_MS, 86_400_000)
     sec, milli = divmod(rem, 1000)
-    hour, sec = divmod(sec, 3600)
-    minute, sec = divmod(sec, 60)
-    return f"{_DAYS[day]} {hour:02d}:{minute:02d}:{sec:02d}.{milli:03d}Z"
+    return _DAYS[day] + _SECONDS[sec] + _MILLIS[milli]
+
+
+# Every ordered subset of up to 3 achievement tags, as PocketBase stores a multi select.
+_TAG_SETS = [
+    json.dumps([t for b, t in enumerate(ACHIEVEMENT_TAGS) if mask >> b & 1], separators=(",", ":"))
+    for mask in range(1 << len(ACHIEVEMENT_TAGS)) if mask.bit_count() <= 3
+]
+
+
+def _id_array(ids: Iterable[str]) -> str:
+    """A JSON array of record ids as PocketBase stores it (ids need no escaping)."""
+    return '["' + '","'.join(ids) + '"]' if ids else "[]"
 
 
 def _compact(value: Any) -> str:
@@ -165,7 +181,7 @@ class _Gen:
 
     def new_id(self) -> str:
         while True:
-            rid = "".join(self.rng.choices(_ID, k=15))
+            rid = self.rng.randbytes(15).translate(_ID_TABLE).decode()
             if rid not in self.seen:
                 self.seen.add(rid)
                 return rid
@@ -174,18 +190,34 @@ class _Gen:
         return [self.new_id() for _ in range(n)]
 
     def token(self) -> str:
-        return "".join(self.rng.choices(_TOKEN, k=50))
+        return self.rng.randbytes(50).translate(_TOKEN_TABLE).decode()
 
-    def stamp(self) -> int:
-        return _T0_MS + self.rng.randrange(SPAN_MS)
+    def below(self, n: int) -> int:
+        """A random int in [0, n): random() is 5x faster than randrange, bias is irrelevant here."""
+        return int(self.rng.random() * n)
+
+    def distinct(self, n: int, k: int) -> list[int]:
+        """k distinct ints in [0, n), in random order (k is small: a match's players)."""
+        k = min(k, n)
+        out: list[int] = []
+        while len(out) < k:
+            i = int(self.rng.random() * n)
+            if i not in out:
+                out.append(i)
+        return out
+
+    def pick(self, seq: Sequence[Any]) -> Any:
+        return seq[int(self.rng.random() * len(seq))]
 
     def created_updated(self) -> tuple[str, str, int]:
-        created = self.stamp()
-        updated = created + (self.rng.randrange(30 * 86_400_000) if self.rng.random() < 0.4 else 0)
-        return pb_date(created), pb_date(updated), created
+        created = _T0_MS + self.below(SPAN_MS)
+        if self.rng.random() < 0.4:
+            return pb_date(created), pb_date(created + self.below(30 * 86_400_000)), created
+        stamp = pb_date(created)
+        return stamp, stamp, created
 
 
-def _api_users(pb: PocketBaseServer, session: PBSession, gen: _Gen) -> list[dict]:
+def _api_users(pb: PocketBaseServer, session: PBSession, n: int) -> list[dict]:
     """Create the first players through the API (real bcrypt hashes, two with avatars)."""
     png = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
                         "0000000d49444154789c6360f8cfc0f01f0005000201e2263ca30000000049454e44ae426082")
@@ -205,7 +237,7 @@ def _api_users(pb: PocketBaseServer, session: PBSession, gen: _Gen) -> list[dict
         return check(session.post(url, json=body))
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # bcrypt on the server is the slow part
-        return list(pool.map(make, range(API_USERS)))
+        return list(pool.map(make, range(n)))
 
 
 def _insert(conn: sqlite3.Connection, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> int:
@@ -223,6 +255,7 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
     pw_col = "passwordHash" if generation == 22 else "password"
     api_rows = conn.execute(f'SELECT id, "{pw_col}" FROM users ORDER BY rowid').fetchall()
     hashes = [h for _, h in api_rows]
+    gen.seen.update(rid for rid, _ in api_rows)
     user_ids = [rid for rid, _ in api_rows] + gen.ids(counts["users"] - len(api_rows))
     n_users = len(user_ids)
     first = len(api_rows)
@@ -230,11 +263,11 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
     def users() -> Iterator[tuple]:
         for i in range(first, n_users):
             created, updated, _ = gen.created_updated()
-            name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-            level = rng.randint(1, 100)
+            name = f"{gen.pick(FIRST)} {gen.pick(LAST)}"
+            level = 1 + gen.below(100)
             row = (user_ids[i], f"player{i}@example.com", int(rng.random() < 0.3),
                    int(rng.random() < 0.8), gen.token(), hashes[i % len(hashes)], name, "",
-                   level, level * 1000 + rng.randrange(1000), rng.choice(COUNTRIES), "",
+                   level, level * 1000 + gen.below(1000), gen.pick(COUNTRIES), "",
                    created, updated)
             yield (*row, f"player{i:07d}") if generation == 22 else row
 
@@ -254,7 +287,7 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
         for m, mid in enumerate(match_ids):
             extra = round(rng.expovariate(1 / extra_players)) if extra_players > 0.05 else 0
             k = min(10, n_users, 2 + extra)
-            players = rng.sample(range(n_users), min(k, n_users))
+            players = gen.distinct(n_users, k)
             created, updated, created_ms = gen.created_updated()
             if m in in_progress:
                 status = "in_progress"
@@ -262,19 +295,19 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
                 status = rng.choices(("waiting", "finished", "abandoned"), (2, 90, 8))[0]
             lineups.append((players, created_ms, status in ("finished", "abandoned")))
             started = pb_date(created_ms + 60_000) if status != "waiting" else ""
-            ended = pb_date(created_ms + rng.randrange(300_000, 3_600_000)) \
+            ended = pb_date(created_ms + 300_000 + gen.below(3_300_000)) \
                 if status in ("finished", "abandoned") else ""
             winner = user_ids[players[0]] if status == "finished" else ""
             state = None
             if status == "in_progress":
                 state = _compact({
-                    "round": rng.randint(1, 12), "turn": user_ids[rng.choice(players)],
-                    "scores": {user_ids[p]: rng.randint(0, 5000) for p in players},
+                    "round": 1 + gen.below(12), "turn": user_ids[rng.choice(players)],
+                    "scores": {user_ids[p]: gen.below(5001) for p in players},
                     "zone": {"x": round(rng.uniform(-50, 50), 2), "y": round(rng.uniform(-50, 50), 2),
-                             "radius": rng.randint(5, 100)},
+                             "radius": 5 + gen.below(96)},
                 })
-            yield (mid, rng.choice(SEASONS), rng.choice(MODES), status, rng.choice(MAPS),
-                   _compact([user_ids[p] for p in players]), winner, started, ended, state,
+            yield (mid, gen.pick(SEASONS), gen.pick(MODES), status, gen.pick(MAPS),
+                   _id_array([user_ids[p] for p in players]), winner, started, ended, state,
                    created, updated)
 
     _insert(conn, "matches", ["id", "season", "mode", "status", "map", "players", "winner",
@@ -284,8 +317,8 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
 
     def participants() -> Iterator[tuple]:
         for m, (players, match_ms, placed) in enumerate(lineups):
-            created = pb_date(match_ms + rng.randrange(60_000))
-            updated = pb_date(match_ms + rng.randrange(300_000, 3_600_000)) if placed else created
+            created = pb_date(match_ms + gen.below(60_000))
+            updated = pb_date(match_ms + 300_000 + gen.below(3_300_000)) if placed else created
             for place, p in enumerate(players, start=1):
                 pid = gen.new_id()
                 participant_ids.append(pid)
@@ -303,9 +336,9 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
         pairs = rng.sample(range(n_users * len(SEASONS)), counts["user_stats"])
         for pair in pairs:
             u, s = divmod(pair, len(SEASONS))
-            games = rng.randint(0, 300)
-            wins = rng.randint(0, games)
-            losses = rng.randint(0, games - wins)
+            games = gen.below(301)
+            wins = gen.below(games + 1)
+            losses = gen.below(games - wins + 1)
             rating = round(1000 + rng.gauss(200, 250), 1)
             ratings[SEASONS[s]].append((rating, u))
             created, updated, _ = gen.created_updated()
@@ -338,12 +371,11 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
     def inventory() -> Iterator[tuple]:
         for iid in inventory_ids:
             created, updated, created_ms = gen.created_updated()
-            item = rng.choice(ITEMS)
-            attrs = {"rarity": rng.choice(RARITIES), "power": rng.randint(1, 999)}
+            attrs = f'{{"rarity":"{gen.pick(RARITIES)}","power":{1 + gen.below(999)}'
             if rng.random() < 0.3:
-                attrs["enchant"] = {"name": rng.choice(("fire", "ice", "void")), "level": rng.randint(1, 5)}
-            yield (iid, user_ids[rng.randrange(n_users)], item, rng.randint(1, 99),
-                   int(rng.random() < 0.2), _compact(attrs), pb_date(created_ms), created, updated)
+                attrs += f',"enchant":{{"name":"{gen.pick(ENCHANTS)}","level":{1 + gen.below(5)}}}'
+            yield (iid, user_ids[gen.below(n_users)], gen.pick(ITEMS), 1 + gen.below(99),
+                   int(rng.random() < 0.2), attrs + "}", pb_date(created_ms), created, updated)
 
     _insert(conn, "inventory", ["id", "user", "item", "quantity", "equipped", "attributes",
                                 "acquired", "created", "updated"], inventory())
@@ -356,11 +388,11 @@ def _bulk(conn: sqlite3.Connection, gen: _Gen, counts: dict[str, int], generatio
             u, a = divmod(pair, len(ACHIEVEMENTS))
             created, updated, created_ms = gen.created_updated()
             progress = 1.0 if rng.random() < 0.6 else round(rng.random(), 3)
-            tags = sorted(rng.sample(ACHIEVEMENT_TAGS, rng.randint(0, 3)), key=ACHIEVEMENT_TAGS.index)
+            tags = gen.pick(_TAG_SETS)
             aid = gen.new_id()
             achievement_ids.append(aid)
             yield (aid, user_ids[u], ACHIEVEMENTS[a], pb_date(created_ms) if progress >= 1 else "",
-                   progress, _compact(tags), created, updated)
+                   progress, tags, created, updated)
 
     _insert(conn, "achievements", ["id", "user", "code", "unlocked", "progress", "tags", "created",
                                    "updated"], achievements())
@@ -394,12 +426,16 @@ def _dirty(conn: sqlite3.Connection, gen: _Gen, ids: dict[str, list[str]]) -> li
 
 
 def build_sample(dest_dir: Path, rows: int = 20_000, version: str | None = None, seed: int = 7,
-                 dirty: bool = False) -> dict:
+                 dirty: bool = False, api_users: int = API_USERS) -> dict:
     """Build `<dest_dir>/pb_data`, the user's game in PocketBase `version` (None = the venv's).
 
     Returns counts per collection (as the restarted server reports them), the superuser and
     player passwords, the pb_data path, timings, and (dirty) the planted bad values.
+    `api_users` players are made through the API (bcrypt is slow: 0.22 hashes at cost 12);
+    every bulk player reuses one of their hashes, so all log in with PLAYER_PASSWORD.
     """
+    if api_users < 1:
+        raise ValueError("api_users must be at least 1: bulk players reuse their bcrypt hashes")
     started = time.monotonic()
     dest = Path(dest_dir)
     pb_data = dest / "pb_data"
@@ -407,7 +443,7 @@ def build_sample(dest_dir: Path, rows: int = 20_000, version: str | None = None,
         if any(pb_data.iterdir()) and not (pb_data / "data.db").exists():
             raise FileExistsError(f"{pb_data} exists and is not a PocketBase data folder")
         shutil.rmtree(pb_data)
-    counts = plan_counts(rows)
+    counts = plan_counts(rows, api_users)
     gen = _Gen(seed)
     timings: dict[str, float] = {}
     with PocketBaseServer(pb_data, version=version) as pb:
@@ -416,18 +452,32 @@ def build_sample(dest_dir: Path, rows: int = 20_000, version: str | None = None,
         pb.update_collection("users", user_fields())
         for spec in collection_specs():
             pb.create_collection(spec)
-        _api_users(pb, session, gen)
+        _api_users(pb, session, api_users)
         timings["api"] = time.monotonic() - started
         pb.stop()
 
         t = time.monotonic()
         conn = sqlite3.connect(pb_data / "data.db", isolation_level=None)
         try:
+            # A throw-away build: no fsync, an in-memory journal (a WAL would hold every page
+            # twice), a big page cache for the random-order id and unique indexes.
             conn.execute("PRAGMA synchronous = OFF")
+            conn.execute("PRAGMA journal_mode = MEMORY")
+            conn.execute("PRAGMA cache_size = -262144")
             conn.execute("BEGIN")
+            # Indexes are rebuilt once after the load (a sort) instead of row by row; the very
+            # same DDL is restored, and a unique index that fails rolls the whole build back.
+            indexes = conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+                f"AND tbl_name IN ({', '.join('?' for _ in COLLECTIONS)})", COLLECTIONS).fetchall()
+            for name, _ in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
             ids = _bulk(conn, gen, counts, pb.generation)
+            for _, sql in indexes:
+                conn.execute(sql)
             planted = _dirty(conn, gen, ids) if dirty else []
             conn.execute("COMMIT")
+            conn.execute("PRAGMA journal_mode = WAL")  # as PocketBase keeps it
         finally:
             conn.close()
         timings["bulk"] = time.monotonic() - t
@@ -444,7 +494,7 @@ def build_sample(dest_dir: Path, rows: int = 20_000, version: str | None = None,
         if served != expected:
             raise RuntimeError(f"PocketBase serves {served}, but the builder wrote {expected}")
         # A bulk player (reused real hash) must log in through PocketBase itself.
-        probe = API_USERS if len(ids["users"]) > API_USERS + 2 else 0
+        probe = api_users if len(ids["users"]) > api_users + 2 else 0
         check(admin.post("/api/collections/users/auth-with-password",
                          json={"identity": f"player{probe}@example.com", "password": PLAYER_PASSWORD}))
         timings["verify"] = time.monotonic() - t
@@ -457,7 +507,7 @@ def build_sample(dest_dir: Path, rows: int = 20_000, version: str | None = None,
         "rows": sum(served.values()),
         "superuser": dict(SUPERUSER),
         "player_password": PLAYER_PASSWORD,
-        "api_users": [f"player{i}@example.com" for i in range(API_USERS)],
+        "api_users": [f"player{i}@example.com" for i in range(api_users)],
         "dirty": planted,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -471,11 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="PocketBase version (default: the venv's)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dirty", action="store_true", help="plant a few bad values")
+    parser.add_argument("--api-users", type=int, default=API_USERS,
+                        help=f"players created through the API (default {API_USERS})")
     args = parser.parse_args(argv)
     result = build_sample(args.out, rows=args.rows, version=args.version, seed=args.seed,
-                          dirty=args.dirty)
-    print(f"PocketBase {result['version']} sample in {result['pb_data']} "
-          f"({result['rows']} rows, {result['seconds']['total']} s)")
+                          dirty=args.dirty, api_users=args.api_users)
+    secs = result["seconds"]
+    print(f"PocketBase {result['version']} sample in {result['pb_data']} ({result['rows']} rows, "
+          f"{secs['total']} s: API {secs['api']}, bulk {secs['bulk']}, verify {secs['verify']})")
     for name, n in result["counts"].items():
         print(f"  {name:<14}{n:>10}")
     for bad in result["dirty"]:
