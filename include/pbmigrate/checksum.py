@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from hashlib import md5
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 MOD = 2**64
@@ -51,12 +52,12 @@ def _text_array(v: Any) -> str:
 
 
 def _point(v: Any) -> str:
-    lon, lat = v.strip("()").split(",")
-    return _pack(float(lon)).hex() + _pack(float(lat)).hex()
+    return _pack(v[0]).hex() + _pack(v[1]).hex()
 
 
 def _jsonb(v: Any) -> str:
-    return NULL if v is None else jsonb_text(v)
+    """The loader sends jsonb already in canonical text (convert.json_value), so no work here."""
+    return NULL if v is None else v
 
 
 def _other(v: Any) -> str:
@@ -130,10 +131,13 @@ def as_hex(total: int) -> str:
 
 # --- jsonb's text output, reproduced ---------------------------------------------------------
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
 def jsonb_text(raw: str) -> str:
     """The text PostgreSQL prints for `raw::jsonb`: keys sorted by (byte length, bytes), last
     duplicate wins, ', ' and ': ' separators, numbers as numeric prints them."""
-    return _jb(json.loads(raw, parse_float=Decimal))
+    return jsonb_dump(_DECODER.decode(raw))
 
 
 def _numeric(d: Decimal) -> str:
@@ -147,22 +151,26 @@ def _key(k: str) -> tuple[int, bytes]:
     return (len(b), b)
 
 
-def _jb(o: Any) -> str:
-    if isinstance(o, str):
-        return json.dumps(o, ensure_ascii=False)
+def jsonb_dump(o: Any) -> str:
+    """Serialise a value decoded with Decimal floats the way jsonb prints it."""
+    t = type(o)
+    if t is str:
+        return _encode_str(o)
+    if t is dict:
+        if not o:
+            return "{}"
+        keys = sorted(o, key=_key)
+        return "{" + ", ".join(_encode_str(k) + ": " + jsonb_dump(o[k]) for k in keys) + "}"
+    if t is list:
+        return "[" + ", ".join([jsonb_dump(x) for x in o]) + "]"
     if o is True:
         return "true"
     if o is False:
         return "false"
     if o is None:
         return "null"
-    if isinstance(o, int):
+    if t is int:
         return str(o)
-    if isinstance(o, Decimal):
+    if t is Decimal:
         return _numeric(o)
-    if isinstance(o, list):
-        return "[" + ", ".join(_jb(x) for x in o) + "]"
-    if isinstance(o, dict):
-        items = sorted(o.items(), key=lambda kv: _key(kv[0]))
-        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_jb(v)}" for k, v in items) + "}"
-    raise TypeError(f"not JSON: {type(o).__name__}")
+    raise TypeError(f"not JSON: {t.__name__}")

@@ -16,9 +16,11 @@ import json
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from pbmigrate.catalog import Field
+from pbmigrate.checksum import jsonb_dump
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 UTC = timezone.utc
@@ -50,11 +52,13 @@ def _as_text(value: Any) -> str:
 
 
 def text(f: Field) -> Converter:
-    name, secret, nullable = f.name, f.secret, False
+    name, secret = f.name, f.secret
 
     def conv(v: Any) -> Any:
+        if type(v) is str and "\x00" not in v:  # the common case, first
+            return v
         if v is None:
-            return None if nullable else ""
+            return ""
         try:
             s = _as_text(v)
         except UnicodeDecodeError:
@@ -149,7 +153,7 @@ def date(f: Field) -> Converter:
                 raise Reject(name, "required date is empty")
             return None
         try:
-            dt = parse_datetime(_as_text(v))
+            dt = parse_datetime(v if type(v) is str else _as_text(v))
         except (ValueError, TypeError, UnicodeDecodeError):
             raise Reject(name, f"not a date: {show(v)}") from None
         if not 1 <= dt.year <= 9999:
@@ -215,17 +219,24 @@ def _no_constants(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
+_JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constants)
+
+
 def json_value(f: Field) -> Converter:
-    """json fields: SQLite's NUMERIC affinity returns 123 as int and 1.5 as float (0.2 #3)."""
+    """json fields, returned as the exact text jsonb prints (parsed once: the checksum's canonical
+    form and a valid jsonb input at the same time). SQLite's NUMERIC affinity returns 123 as int
+    and 1.5 as float (POCKETBASE.md 0.2 #3); SQL NULL and the text 'null' both mean null."""
     name = f.name
 
     def conv(v: Any) -> str | None:
         if v is None:
             return None
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if isinstance(v, float) and not math.isfinite(v):
+        if type(v) is int:
+            return str(v)
+        if type(v) is float:
+            if not math.isfinite(v):
                 raise Reject(name, f"{v} is not JSON")
-            return json.dumps(v)
+            return jsonb_dump(Decimal(repr(v)))
         try:
             raw = _as_text(v)
         except UnicodeDecodeError:
@@ -233,12 +244,12 @@ def json_value(f: Field) -> Converter:
         if raw == "" or raw == "null":
             return None
         try:
-            json.loads(raw, parse_constant=_no_constants)
+            out = jsonb_dump(_JSON.decode(raw))
         except ValueError:
             raise Reject(name, f"invalid JSON: {show(raw)}") from None
-        if "\\u0000" in raw or "\x00" in raw:
+        if "\\u0000" in out:
             raise Reject(name, "JSON holds a NUL character (\\u0000), which jsonb cannot store")
-        return raw
+        return out
 
     return conv
 
@@ -247,9 +258,9 @@ def geo_point(f: Field) -> Converter:
     """geoPoint: {"lon": x, "lat": y} becomes a PostgreSQL point (x = lon, y = lat)."""
     name = f.name
 
-    def conv(v: Any) -> str:
+    def conv(v: Any) -> tuple[float, float]:
         if v is None or v == "":
-            return "(0,0)"
+            return (0.0, 0.0)
         try:
             obj = json.loads(_as_text(v))
             lon, lat = float(obj["lon"]), float(obj["lat"])
@@ -257,7 +268,7 @@ def geo_point(f: Field) -> Converter:
             raise Reject(name, f"not a geoPoint: {show(v)}") from None
         if not (math.isfinite(lon) and math.isfinite(lat)):
             raise Reject(name, f"not a geoPoint: {show(v)}")
-        return f"({lon!r},{lat!r})"
+        return (lon, lat)
 
     return conv
 

@@ -8,16 +8,16 @@ or lose a row.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 
-from pbmigrate import checksum
+from pbmigrate import checksum, pgcopy
 from pbmigrate.convert import Reject, multi
 from pbmigrate.plan import Table, qi
 from pbmigrate.sources import Source
@@ -103,46 +103,15 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
     done = _existing(conn, run_id, coll.name, lo)
     if done is not None:
         return done
-    convs = table.converters(has_secrets)
-    positions = [c.position for c in table.columns]
-    canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
-    pairs = list(zip(convs, positions))
-    junction_multi = [(j, multi(j.field)) for j in table.junctions]
-    digest, row_canon, jdigest = checksum.digest, checksum.row_canon, checksum.junction_digest
-    total = 0
-    read = loaded = junction_rows = 0
-    rejects: list[tuple[str, str, str]] = []
-    cols = ", ".join(qi(c) for c in table.column_names)
-    copy_sql = f"COPY {qi(schema)}.{qi(table.name)} ({cols}) FROM STDIN"
-    with conn.transaction(), tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+") as spool:
+    with conn.transaction(), ExitStack() as stack:
+        spools = {j.table: stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+"))
+                  for j in table.junctions}
         clear_range(conn, schema, table, run_id, lo, hi)
-        with conn.cursor() as cur, cur.copy(copy_sql) as copy:
-            for row in source.rows(coll, lo, hi):
-                read += 1
-                try:
-                    out = [conv(row[pos]) for conv, pos in pairs]
-                    jrows = [(j, m(row[j.position])) for j, m in junction_multi]
-                except Reject:
-                    rid = str(row[positions[0]]) if table.columns else "?"
-                    rejects.extend((rid, f, r) for f, r in _reject_all(row, table, convs))
-                    continue
-                copy.write_row(out)
-                loaded += 1
-                total += digest(row_canon(canons, out))
-                owner = out[0]
-                for j, ids in jrows:
-                    for pos, target in enumerate(ids):
-                        spool.write(json.dumps((j.table, owner, target, pos)) + "\n")
-                        total += jdigest(j.table, owner, pos, target)
-                        junction_rows += 1
-        _copy_junctions(conn, schema, table, spool)
-        if rejects:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    """INSERT INTO pbm_meta.rejects (run_id, collection, record_id, field, reason, stage, batch_lo)
-                       VALUES (%s, %s, %s, %s, %s, 'load', %s)""",
-                    [(run_id, coll.name, rid, f, r, lo) for rid, f, r in rejects],
-                )
+        read, loaded, total, junction_rows, rejects = _copy_rows(conn, source, table, schema, lo, hi,
+                                                                 has_secrets, spools)
+        for j in table.junctions:
+            _copy_spool(conn, schema, j, spools[j.table])
+        _record_rejects(conn, run_id, coll.name, lo, rejects)
         result = BatchResult(coll.name, table.name, lo, hi, read, loaded, read - loaded, junction_rows,
                              checksum.as_hex(total), time.monotonic() - started)
         conn.execute(
@@ -155,14 +124,57 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
     return result
 
 
-def _copy_junctions(conn: psycopg.Connection, schema: str, table: Table, spool) -> None:
-    if not table.junctions:
+def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: str, lo: str, hi: str,
+               has_secrets: bool, spools: dict) -> tuple[int, int, int, int, list]:
+    """The hot loop: convert, COPY, checksum; junction rows go to their spools as COPY text."""
+    convs = table.converters(has_secrets)
+    pairs = list(zip(convs, [c.position for c in table.columns]))
+    canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
+    junctions = [(j, multi(j.field), spools[j.table]) for j in table.junctions]
+    digest, row_canon, jdigest, esc = checksum.digest, checksum.row_canon, checksum.junction_digest, pgcopy.text_field
+    binary = pgcopy.can_use_binary(table)
+    if binary:
+        pgcopy.register(conn)
+    total = read = loaded = junction_rows = 0
+    rejects: list[tuple[str, str, str]] = []
+    with conn.cursor() as cur, cur.copy(pgcopy.copy_sql(schema, table, binary)) as copy:
+        if binary:
+            copy.set_types([c.type for c in table.columns])
+        for row in source.rows(table.collection, lo, hi, ordered=False):
+            read += 1
+            try:
+                out = [conv(row[pos]) for conv, pos in pairs]
+                jrows = [(j, m(row[j.position]), spool) for j, m, spool in junctions]
+            except Reject:
+                rejects.extend((str(row[0]), f, r) for f, r in _reject_all(row, table, convs))
+                continue
+            copy.write_row(out)
+            loaded += 1
+            total += digest(row_canon(canons, out))
+            owner = out[0]
+            for j, ids, spool in jrows:
+                for pos, target in enumerate(ids):
+                    spool.write(f"{esc(owner)}\t{esc(target)}\t{pos}\n")
+                    total += jdigest(j.table, owner, pos, target)
+                    junction_rows += 1
+    return read, loaded, total, junction_rows, rejects
+
+
+def _copy_spool(conn: psycopg.Connection, schema: str, j, spool) -> None:
+    """Send a junction table's spooled COPY text in large chunks (no per-row Python)."""
+    spool.seek(0)
+    sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
+    with conn.cursor() as cur, cur.copy(sql) as copy:
+        while chunk := spool.read(1 << 20):
+            copy.write(chunk)
+
+
+def _record_rejects(conn: psycopg.Connection, run_id: str, collection: str, lo: str, rejects: list) -> None:
+    if not rejects:
         return
-    for j in table.junctions:
-        spool.seek(0)
-        sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
-        with conn.cursor() as cur, cur.copy(sql) as copy:
-            for line in spool:
-                jt, owner, target, pos = json.loads(line)
-                if jt == j.table:
-                    copy.write_row((owner, target, pos))
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO pbm_meta.rejects (run_id, collection, record_id, field, reason, stage, batch_lo)
+               VALUES (%s, %s, %s, %s, %s, 'load', %s)""",
+            [(run_id, collection, rid, f, r, lo) for rid, f, r in rejects],
+        )

@@ -1,7 +1,7 @@
 """Sources of PocketBase records: a SQLite snapshot or a running server's REST API.
 
 Both yield rows of one collection for an inclusive id range, in id order (byte order, which is
-PostgreSQL's COLLATE "C" order), as tuples in the order of the collection's fields and in
+PostgreSQL's COLLATE "C" order) unless asked otherwise, as tuples in the order of the collection's fields and in
 PocketBase's *storage* form: what SQLite holds (JSON arrays as text, bools as 0/1, json fields as
 text or numbers). The API source converts its decoded JSON back to that form, so one converter
 serves both.
@@ -35,7 +35,11 @@ class Source(Protocol):
 
     def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]: ...
 
-    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[tuple]: ...
+    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
+             ordered: bool = True) -> Iterator[tuple]:
+        """Rows with ids in [lo, hi]; in id order unless `ordered=False` (the loader's COPY and
+        checksum do not care, and an unordered read can be much faster)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -10,6 +10,10 @@ from pbmigrate.catalog import Catalog, Collection, read_catalog
 from pbmigrate.snapshot import open_readonly
 
 FETCH = 5000
+# An unordered range read scans the whole table (skipping other ids in C) when the range holds at
+# least this share of it: measured here, the scan beat the id index from 5% up (320k vs 228k
+# rows/s) to 35% (790k vs 324k), because the index visits rows in random page order.
+SCAN_SHARE = 0.03
 
 
 def qi(ident: str) -> str:
@@ -25,6 +29,7 @@ class SqliteSource:
         self.path = str(path)
         self.conn = open_readonly(path)
         self._catalog: Catalog | None = None
+        self._counts: dict[str, int] = {}
 
     def catalog(self) -> Catalog:
         if self._catalog is None:
@@ -32,7 +37,9 @@ class SqliteSource:
         return self._catalog
 
     def count(self, coll: Collection) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}").fetchone()[0]
+        if coll.name not in self._counts:
+            self._counts[coll.name] = self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}").fetchone()[0]
+        return self._counts[coll.name]
 
     def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]:
         where, args = _range(lo, hi)
@@ -41,11 +48,23 @@ class SqliteSource:
             for (rid,) in chunk:
                 yield rid
 
-    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[tuple]:
+    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
+             ordered: bool = True) -> Iterator[tuple]:
+        """Rows with ids in [lo, hi]; `ordered=False` lets a large range be read as a table scan."""
         where, args = _range(lo, hi)
-        cur = self.conn.execute(f"{_select(coll)}{where} ORDER BY id", args)
+        if ordered:
+            sql = f"{_select(coll)}{where} ORDER BY id"
+        elif where and self._share(coll, where, args) >= SCAN_SHARE:
+            sql = f"{_select(coll)} NOT INDEXED{where}"
+        else:
+            sql = f"{_select(coll)}{where}"
+        cur = self.conn.execute(sql, args)
         while chunk := cur.fetchmany(FETCH):
             yield from chunk
+
+    def _share(self, coll: Collection, where: str, args: tuple) -> float:
+        in_range = self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}{where}", args).fetchone()[0]
+        return in_range / max(self.count(coll), 1)
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Ad-hoc read for the assessment (read-only connection)."""
