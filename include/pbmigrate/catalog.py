@@ -7,6 +7,7 @@ keep legacy DDL (REAL, nullable columns, TEXT columns holding JSON arrays). See 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ def collection_from_row(row: Mapping[str, Any], generation: int,
     options = _load_json(row.get("options"), f"{name} options") or {}
     view_query = row.get("viewQuery") or options.get("viewQuery") or options.get("query")
     json_indexes = _load_json(row.get("indexes"), f"{name} indexes") or []
-    indexes = tuple(physical_indexes) if physical_indexes is not None else tuple(json_indexes)
+    indexes = _merge_indexes(physical_indexes, json_indexes)
     if generation == 22 and ctype == "auth" and physical_indexes is None:
         indexes += _legacy_auth_indexes(row.get("id", ""), name)
     return Collection(
@@ -231,6 +232,24 @@ def collection_from_row(row: Mapping[str, Any], generation: int,
         indexes=indexes,
         view_query=view_query,
     )
+
+
+_INDEX_NAME = re.compile(r"INDEX\s+(?:IF\s+NOT\s+EXISTS\s+)?[`\"\[]?([^`\"\]\s(]+)", re.IGNORECASE)
+
+
+def index_name(sql: str) -> str | None:
+    m = _INDEX_NAME.search(sql)
+    return m.group(1) if m else None
+
+
+def _merge_indexes(physical: Iterable[str] | None, declared: list[str]) -> tuple[str, ...]:
+    """What SQLite enforces, plus what PocketBase declares but SQLite lacks (drift after upgrades):
+    the target enforces what the application believes, and finalize rejects rows that break it."""
+    if physical is None:
+        return tuple(declared)
+    physical = tuple(physical)
+    names = {index_name(sql) for sql in physical}
+    return physical + tuple(sql for sql in declared if index_name(sql) not in names)
 
 
 def _legacy_auth_indexes(cid: str, table: str) -> tuple[str, ...]:

@@ -109,16 +109,16 @@ def sql_row_digest(columns: Sequence[tuple[str, str]]) -> str:
     return f"('x' || left(md5(concat_ws(E'\\x1f', {parts})), 16))::bit(64)::bigint"
 
 
-def junction_digest(table: str, owner: str, position: int, target: str) -> int:
-    """A junction row counts in its owner's batch, prefixed by the junction table's name."""
-    return digest(f"{table}{SEP}{owner}{SEP}{position}{SEP}{target}")
+def junction_digest(table: str, owner: str, targets: list[str]) -> int:
+    """One digest per owner over its ordered targets (an owner without targets adds nothing)."""
+    return digest(f"{table}{SEP}{owner}{SEP}" + _text_array(targets))
 
 
 def sql_junction_digest(table: str, owner_col: str, target_col: str) -> str:
-    """SQL twin of `junction_digest`; the column names are already quoted."""
+    """SQL twin of `junction_digest`, an aggregate: use it with GROUP BY the owner column."""
     lit = "'" + table.replace("'", "''") + "'"
-    return (f"('x' || left(md5(concat_ws(E'\\x1f', {lit}, {owner_col}, position::text, {target_col})), 16))"
-            "::bit(64)::bigint")
+    return (f"('x' || left(md5(concat_ws(E'\\x1f', {lit}, {owner_col}, "
+            f"array_to_json(array_agg({target_col} ORDER BY position))::text)), 16))::bit(64)::bigint")
 
 
 def fold(total: int) -> int:

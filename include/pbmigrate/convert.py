@@ -135,6 +135,8 @@ def boolean(f: Field) -> Converter:
 
 def parse_datetime(s: str) -> datetime:
     """PocketBase writes `YYYY-MM-DD HH:MM:SS.sssZ` (UTC); raw SQL writes may differ, so be lenient."""
+    if len(s) == 24 and s[-1] == "Z":  # PocketBase's own format: already UTC
+        return datetime.fromisoformat(s)
     s = s.strip()
     if len(s) == 10:  # a bare date
         s += " 00:00:00Z"

@@ -117,6 +117,14 @@ def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: s
         )
 
 
+def _affected(conn: psycopg.Connection, select: str) -> str:
+    """Pin the ids a change will touch, so their digests can be taken before and after it."""
+    conn.execute('CREATE TEMP TABLE IF NOT EXISTS pbm_affected (id text COLLATE "C") ON COMMIT DROP')
+    conn.execute("TRUNCATE pbm_affected")
+    conn.execute(f"INSERT INTO pbm_affected {select}")
+    return "SELECT id FROM pbm_affected"
+
+
 def _tally(counts: dict, key: tuple[str, str, str], n: int, ids: list[str]) -> None:
     prev, examples = counts.get(key, (0, []))
     counts[key] = (prev + n, (examples + ids)[:EXAMPLES])
@@ -131,10 +139,7 @@ def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str
     if not ids:
         return 0
     if mode == "null":
-        conn.execute('CREATE TEMP TABLE IF NOT EXISTS pbm_affected (id text COLLATE "C") ON COMMIT DROP')
-        conn.execute("TRUNCATE pbm_affected")
-        conn.execute(f"INSERT INTO pbm_affected {select}")
-        affected = "SELECT id FROM pbm_affected"
+        affected = _affected(conn, select)
         before = ledger.row_sums(conn, schema, t, run_id, affected)
         n = conn.execute(f"UPDATE {s}.{qi(t.name)} SET {c} = NULL WHERE id IN ({affected})").rowcount
         ledger.adjust(conn, run_id, t.collection.name,
@@ -158,9 +163,11 @@ def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Juncti
     key = (t.collection.name, j.field.name, j.target_table or "")
     if mode == "null":
         missing = f"NOT EXISTS (SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})"
-        removed = ledger.junction_sums(conn, schema, t, run_id, missing, only=j)
+        affected = _affected(conn, f"SELECT DISTINCT x.{o} FROM {s}.{jt} x WHERE {missing}")
+        before = ledger.junction_sums(conn, schema, t, run_id, affected, only=j)
         n = conn.execute(f"DELETE FROM {s}.{jt} x WHERE {missing}").rowcount
-        ledger.adjust(conn, run_id, t.collection.name, ledger.negate(removed))
+        after = ledger.junction_sums(conn, schema, t, run_id, affected, only=j)
+        ledger.adjust(conn, run_id, t.collection.name, ledger.difference(after, before))
     else:
         n = _reject_ids(conn, schema, t, run_id, dangling, (), j.field.name,
                         f"dangling relation: {j.field.name} holds an id missing from {j.target_table}")

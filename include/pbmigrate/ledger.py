@@ -47,16 +47,19 @@ def row_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, i
     return _sums(conn, sql, (run_id, table.collection.name, *args))
 
 
-def junction_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, where: str = "",
+def junction_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, owners_sql: str | None = None,
                   args: tuple = (), only: Junction | None = None) -> dict[str, int]:
-    """Digest sums of junction rows per owner's batch, optionally filtered (`where` uses alias x)."""
+    """Per-owner junction digests summed per owner's batch (only owners from `owners_sql` if given)."""
     parts = []
     for j in table.junctions:
         if only is not None and j is not only:
             continue
-        sql = (f"SELECT b.lo, sum({junction_digest_sql(j)})::text FROM {qi(schema)}.{qi(j.table)} x "
-               f"{_IN_BATCH.format(id='x.' + qi(j.owner))} {('WHERE ' + where) if where else ''} GROUP BY b.lo")
-        parts.append(_sums(conn, sql, (run_id, table.collection.name, *args)))
+        owner = f"x.{qi(j.owner)}"
+        where = f"WHERE {owner} IN ({owners_sql})" if owners_sql else ""
+        sql = (f"SELECT b.lo, sum(o.d)::text FROM (SELECT {owner} AS owner, {junction_digest_sql(j)} AS d "
+               f"FROM {qi(schema)}.{qi(j.table)} x {where} GROUP BY {owner}) o "
+               f"{_IN_BATCH.format(id='o.owner')} GROUP BY b.lo")
+        parts.append(_sums(conn, sql, (*args, run_id, table.collection.name)))
     return _merge(*parts)
 
 
@@ -68,10 +71,8 @@ def target_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str
 def owner_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, ids_sql: str,
                args: tuple = ()) -> dict[str, int]:
     """Rows from `ids_sql` plus their junction rows: what rejecting those rows removes."""
-    jwhere = " OR ".join(f"x.{qi(j.owner)} IN ({ids_sql})" for j in table.junctions)
-    jargs = args * len(table.junctions)
     return _merge(row_sums(conn, schema, table, run_id, ids_sql, args),
-                  junction_sums(conn, schema, table, run_id, jwhere, jargs) if table.junctions else {})
+                  junction_sums(conn, schema, table, run_id, ids_sql, args))
 
 
 def adjust(conn: psycopg.Connection, run_id: str, collection: str, deltas: dict[str, int]) -> None:

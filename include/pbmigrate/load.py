@@ -104,13 +104,14 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
     if done is not None:
         return done
     with conn.transaction(), ExitStack() as stack:
-        spools = {j.table: stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+"))
-                  for j in table.junctions}
+        spools = {j.table: JunctionSpool() for j in table.junctions}
+        for spool in spools.values():
+            stack.callback(spool.close)
         clear_range(conn, schema, table, run_id, lo, hi)
         read, loaded, total, junction_rows, rejects = _copy_rows(conn, source, table, schema, lo, hi,
                                                                  has_secrets, spools)
         for j in table.junctions:
-            _copy_spool(conn, schema, j, spools[j.table])
+            spools[j.table].copy_to(conn, schema, j)
         _record_rejects(conn, run_id, coll.name, lo, rejects)
         result = BatchResult(coll.name, table.name, lo, hi, read, loaded, read - loaded, junction_rows,
                              checksum.as_hex(total), time.monotonic() - started)
@@ -131,7 +132,7 @@ def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: s
     pairs = list(zip(convs, [c.position for c in table.columns]))
     canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
     junctions = [(j, multi(j.field), spools[j.table]) for j in table.junctions]
-    digest, row_canon, jdigest, esc = checksum.digest, checksum.row_canon, checksum.junction_digest, pgcopy.text_field
+    digest, row_canon, jdigest = checksum.digest, checksum.row_canon, checksum.junction_digest
     binary = pgcopy.can_use_binary(table)
     if binary:
         pgcopy.register(conn)
@@ -153,20 +154,50 @@ def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: s
             total += digest(row_canon(canons, out))
             owner = out[0]
             for j, ids, spool in jrows:
-                for pos, target in enumerate(ids):
-                    spool.write(f"{esc(owner)}\t{esc(target)}\t{pos}\n")
-                    total += jdigest(j.table, owner, pos, target)
-                    junction_rows += 1
+                if ids:
+                    total += jdigest(j.table, owner, ids)
+                    junction_rows += len(ids)
+                    spool.add(owner, ids, _needs_escape(row[j.position], owner))
+    for spool in spools.values():
+        spool.flush()
     return read, loaded, total, junction_rows, rejects
 
 
-def _copy_spool(conn: psycopg.Connection, schema: str, j, spool) -> None:
-    """Send a junction table's spooled COPY text in large chunks (no per-row Python)."""
-    spool.seek(0)
-    sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
-    with conn.cursor() as cur, cur.copy(sql) as copy:
-        while chunk := spool.read(1 << 20):
-            copy.write(chunk)
+def _needs_escape(raw: object, owner: str) -> bool:
+    """JSON escapes tab, newline and backslash, so ids from a raw JSON array without a backslash
+    hold none of the characters COPY text must escape; anything else is escaped to be safe."""
+    if type(raw) is not str or not raw.startswith("[") or "\\" in raw:
+        return True
+    return "\\" in owner or not owner.isprintable()
+
+
+class JunctionSpool:
+    """Junction rows as COPY text lines, buffered in memory, then on disk past SPOOL_BYTES."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+")
+        self.lines: list[str] = []
+
+    def add(self, owner: str, ids: list[str], escape: bool) -> None:
+        if escape:
+            owner, ids = pgcopy.text_field(owner), [pgcopy.text_field(i) for i in ids]
+        self.lines.extend(f"{owner}\t{target}\t{pos}\n" for pos, target in enumerate(ids))
+        if len(self.lines) >= 10_000:
+            self.flush()
+
+    def flush(self) -> None:
+        self.file.write("".join(self.lines))
+        self.lines.clear()
+
+    def copy_to(self, conn: psycopg.Connection, schema: str, j) -> None:
+        self.file.seek(0)
+        sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
+        with conn.cursor() as cur, cur.copy(sql) as copy:
+            while chunk := self.file.read(1 << 20):
+                copy.write(chunk)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _record_rejects(conn: psycopg.Connection, run_id: str, collection: str, lo: str, rejects: list) -> None:
