@@ -18,7 +18,7 @@ services:
 	bash scripts/services.sh
 
 demo: venv services
-	$(PY) -m pbmigrate.demo
+	$(PY) scripts/demo.py
 
 test: venv services
 	$(VENV)/bin/ruff check .

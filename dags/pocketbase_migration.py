@@ -3,7 +3,8 @@
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
 snapshot of the source, the pre-migration assessment), **schema** (typed tables in the staging
-schema), **data** (one mapped task per id range, then keys, indexes and foreign keys).
+schema), **data** (one mapped task per id range, then keys, indexes and foreign keys), **cache**
+(warm Redis from the migrated tables: public profiles, leaderboards, games in progress).
 
 Every task is one call into `pbmigrate`; the DAG only wires them. Re-triggering a failed run
 resumes it: batches already in the ledger (`pbm_meta.batches`) are skipped.
@@ -14,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
-from pbm_airflow import default_args, pocketbase_api, postgres_url, source_params
+
+from pbm_airflow import default_args, pocketbase_api, postgres_url, redis_url, source_params
 
 
 @dag(
@@ -99,8 +101,21 @@ def pocketbase_migration():
         loaded >> done
         return done
 
+    @task_group(group_id="cache")
+    def cache(run: dict):
+        @task(map_index_template="{{ section }}")
+        def warm(run: dict, section: str) -> dict:
+            from pbmigrate.warmup import warm_run
+
+            get_current_context()["section"] = section
+            return warm_run(run, section, pg_url=postgres_url(), redis_url=redis_url())
+
+        return warm.partial(run=run).expand(section=["profiles", "leaderboards", "game_state"])
+
     run = prepare()
-    data(run, schema(run))
+    loaded = data(run, schema(run))
+    warmed = cache(run)
+    loaded >> warmed
 
 
 pocketbase_migration()

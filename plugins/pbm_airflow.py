@@ -2,8 +2,8 @@
 
 Connections (names are stable; runbooks use them):
 - `pbm_postgres`: the target PostgreSQL (host, port, login, password, schema = database).
-- `pbm_redis`: Redis; `extra` may hold `{"db": 0}` or `{"cluster": true}` for a Redis Cluster
-  whose other nodes are found by the client.
+- `pbm_redis`: Redis; `extra` may hold `{"db": 0}`, or `{"cluster": true, "startup_nodes":
+  "host2:6379,host3:6379"}` for a Redis Cluster (every node listed survives one being down).
 - `pbm_pocketbase`: API mode only; host = the PocketBase URL, login = superuser email, password.
 """
 
@@ -33,10 +33,16 @@ def redis_url(conn_id: str = "pbm_redis") -> str:
     """A redis:// URL (redis+cluster:// when the extra says cluster); the db lives in the extra."""
     c = _conn(conn_id)
     extra = c.extra_dejson
-    scheme = "redis+cluster" if extra.get("cluster") else ("rediss" if extra.get("ssl") else "redis")
+    cluster = bool(extra.get("cluster"))
+    tls = "s" if extra.get("ssl") else ""
+    scheme = f"redis{tls}+cluster" if cluster else f"redis{tls}"
     auth = (quote(c.login or "", safe="") + ":" + quote(c.password, safe="") + "@") if c.password else ""
-    db = "" if extra.get("cluster") else f"/{int(extra.get('db', 0))}"
-    return f"{scheme}://{auth}{c.host or '127.0.0.1'}:{c.port or 6379}{db}"
+    nodes = [f"{c.host or '127.0.0.1'}:{c.port or 6379}"]
+    if cluster:
+        nodes += [n.strip() for n in str(extra.get("startup_nodes", "")).split(",") if n.strip()]
+        return f"{scheme}://{auth}{','.join(nodes)}"
+    db = extra.get("db", c.schema if str(c.schema or "").isdigit() else 0)  # a URI's /db lands in schema
+    return f"{scheme}://{auth}{nodes[0]}/{int(db)}"
 
 
 def pocketbase_api(conn_id: str = "pbm_pocketbase") -> dict | None:

@@ -8,6 +8,7 @@ import sqlite3
 from datetime import datetime, timezone
 
 import psycopg
+
 from pbmigrate.plan import Plan, qi
 
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pbmigrate.catalog import Catalog, read_catalog
 from pbmigrate.errors import CatalogError, SourceError
 from pbmigrate.snapshot import open_readonly
-
 from tests.pbdbs import VERSIONS, EveryTypeDB, build_every_type_db
 
 

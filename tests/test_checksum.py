@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import psycopg
-
 from pbmigrate import checksum, pgcopy
 from pbmigrate.catalog import Field
 from pbmigrate.convert import converter_for

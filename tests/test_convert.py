@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
+
 from pbmigrate.catalog import Field
 from pbmigrate.convert import Reject, converter_for
 

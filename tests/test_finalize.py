@@ -19,8 +19,8 @@ def _seed(db: Path) -> None:
         raw.execute("UPDATE demo4 SET self_rel_many = '[\"i9naidtvr6qsgb4\",\"nope00000000001\"]' "
                     "WHERE id = 'qzaqccwrmva4o1n'")
         # PocketBase declares a case-insensitive unique title that SQLite does not enforce (drift)
-        raw.execute("UPDATE _collections SET indexes = json_insert(indexes, '$[#]', "
-                    "'CREATE UNIQUE INDEX `idx_title_nocase` ON `demo3` (`title` COLLATE NOCASE)') WHERE name = 'demo3'")
+        raw.execute("UPDATE _collections SET indexes = json_insert(indexes, '$[#]', 'CREATE UNIQUE INDEX "
+                    "`idx_title_nocase` ON `demo3` (`title` COLLATE NOCASE)') WHERE name = 'demo3'")
         raw.execute("UPDATE demo3 SET title = 'SameName' WHERE id = '1tmknxy2868d869'")
         raw.execute("UPDATE demo3 SET title = 'samename' WHERE id = 'mk5fmymtx4wsprk'")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from pbmigrate.mapping import load_mapping
 from pbmigrate.plan import build_plan
 from pbmigrate.sources.sqlite import SqliteSource
-
 from tests.compare import assert_migrated
 
 

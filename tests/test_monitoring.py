@@ -34,6 +34,7 @@ import pytest
 import requests
 import yaml
 from dotenv import dotenv_values
+
 from pbmigrate import metrics
 
 ROOT = Path(__file__).resolve().parents[1]

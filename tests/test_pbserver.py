@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from pbmigrate.pbserver import PocketBaseServer, check, generation_of, pocketbase_binary
 
 

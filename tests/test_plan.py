@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from pbmigrate.errors import MappingError
 from pbmigrate.mapping import load_mapping, parse_mapping
 from pbmigrate.plan import build_plan, qi

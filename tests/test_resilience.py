@@ -10,8 +10,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.test_migration_dag import _plan
 from tests.compare import assert_migrated
+from tests.test_migration_dag import _plan
 
 ATTACH = """
 CREATE FUNCTION pbm_test_attach() RETURNS event_trigger LANGUAGE plpgsql AS $$

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from pbmigrate.catalog import read_catalog
 from pbmigrate.pbserver import PocketBaseServer
 from pbmigrate.sample import COLLECTIONS, PLAYER_PASSWORD, build_sample, main

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pbmigrate.catalog import read_catalog
 from pbmigrate.errors import SourceError
 from pbmigrate.pbserver import PBSession, PocketBaseServer, check

@@ -175,7 +175,7 @@ class JunctionSpool:
     """Junction rows as COPY text lines, buffered in memory, then on disk past SPOOL_BYTES."""
 
     def __init__(self) -> None:
-        self.file = tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+")
+        self.file = tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+")  # noqa: SIM115 - closed by close()
         self.lines: list[str] = []
 
     def add(self, owner: str, ids: list[str], escape: bool) -> None:

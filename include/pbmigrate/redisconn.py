@@ -37,6 +37,15 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
+def describe(client: RedisClient) -> str:
+    """``Redis host:port/db`` or ``Redis Cluster host:port,...`` for messages (never a password)."""
+    if is_cluster(client):
+        return "Redis Cluster " + ",".join(f"{n.host}:{n.port}" for n in client.get_primaries())
+    kw = client.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+    return f"Redis {where}/{kw.get('db', 0)}"
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced, fit for logs and error messages."""
     parts = urlsplit(url)
@@ -140,4 +149,3 @@ def connect(
         )
     except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as exc:
         raise TargetError(f"Redis Cluster {redact(url)} cannot be reached: {exc}") from exc
-
