@@ -36,11 +36,16 @@ from pbm_airflow import default_args, pocketbase_api, postgres_url, redis_url, s
                          description="Dangling relation ids: reject the row, or load it with the relation NULL."),
         "max_reject_ratio": Param(0.0, type="number", minimum=0, maximum=1,
                                   description="Rejected / read rows above which the gate refuses promotion."),
+        "mode": Param("full", enum=["full", "final"],
+                      description="full: snapshot and load into the staging schema. final: PocketBase frozen, "
+                                  "one last re-sync of the loaded staging schema, then the gates and the cut-over."),
+        "overlap_seconds": Param(300, type="integer", minimum=0,
+                                 description="mode=final: re-read rows updated this long before the watermark."),
     },
 )
 def pocketbase_migration():
     @task_group(group_id="prepare")
-    def prepare():
+    def prepare(mode):
         @task
         def snapshot() -> dict:
             from pbmigrate import pipeline
@@ -61,7 +66,9 @@ def pocketbase_migration():
             assess.assess_run(run, postgres_url(), api=pocketbase_api())
             return run
 
-        return assess(snapshot())
+        snap = snapshot()
+        mode >> snap  # mode=final skips the fresh snapshot and load
+        return assess(snap)
 
     @task_group(group_id="schema")
     def schema(run: dict):
@@ -112,10 +119,35 @@ def pocketbase_migration():
 
         return warm.partial(run=run).expand(section=["profiles", "leaderboards", "game_state"])
 
-    run = prepare()
-    loaded = data(run, schema(run))
-    warmed = cache(run)
-    loaded >> warmed
+    @task.branch
+    def choose_mode() -> str:
+        return "final_sync" if get_current_context()["params"]["mode"] == "final" else "prepare.snapshot"
+
+    @task
+    def final_sync() -> dict:
+        from pbmigrate import sync
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        return sync.final_sync(
+            source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
+            collections=p["collections"], overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(),
+            dag_run_id=ctx["run_id"], api=pocketbase_api(),
+        )
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def loaded_run(full: dict | None, final: dict | None) -> dict:
+        """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot)."""
+        return final or full
+
+    mode = choose_mode()
+    run = prepare(mode)
+    done = data(run, schema(run))
+    final = final_sync()
+    mode >> final
+    loaded = loaded_run(run, final)
+    done >> loaded
+    cache(loaded)
 
 
 pocketbase_migration()

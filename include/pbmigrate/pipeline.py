@@ -23,6 +23,7 @@ from pbmigrate.mapping import load_mapping
 from pbmigrate.plan import Plan, build_plan
 from pbmigrate.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.sources import Source, open_source, plan_ranges
+from pbmigrate.sync import target_lock
 
 log = logging.getLogger("pbmigrate")
 
@@ -66,7 +67,8 @@ def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = No
     """Check the target, resume an unfinished run or snapshot the source for a new one."""
     check_postgres(pg_url)
     target = params["target_schema"]
-    with psycopg.connect(pg_url, autocommit=True) as conn:
+    with target_lock(pg_url, target, shared=True, holder="pbmigrate migration"), \
+            psycopg.connect(pg_url, autocommit=True) as conn:
         meta.ensure_meta(conn)
         resumed = meta.resumable_run(conn, target, params)
         kind = "sqlite" if params["source_path"] else "api"
@@ -119,7 +121,8 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
         source.close()
     for w in plan.warnings:
         log.warning("%s", w)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
+    with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
+            psycopg.connect(pg_url, autocommit=True) as conn:
         tables = ddl.create_schema(conn, run["staging_schema"], plan, fresh=not run["resumed"])
     log.info("staging schema %s: %d tables", run["staging_schema"], len(tables))
     return tables
@@ -156,7 +159,8 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
     try:
         plan = run_plan(run, source)
         table = plan.table_for(batch["collection"])
-        with psycopg.connect(pg_url) as conn:
+        with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
+                psycopg.connect(pg_url) as conn:
             result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
                                 lo=batch["lo"], hi=batch["hi"], has_secrets=source.has_secrets)
     finally:
@@ -175,7 +179,8 @@ def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
     finally:
         source.close()
     started = time.monotonic()
-    with psycopg.connect(pg_url, autocommit=True) as conn:
+    with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
+            psycopg.connect(pg_url, autocommit=True) as conn:
         report = finalize(conn, run["staging_schema"], plan, run["run_id"], run["params"]["orphans"])
         meta.set_run_status(conn, run["run_id"], "loaded")
         (data_seconds,) = conn.execute(

@@ -1,0 +1,64 @@
+"""
+### PocketBase -> PostgreSQL: scheduled re-sync until cut-over
+
+Keeps the schema that `pocketbase_migration` loaded (its staging schema, before cut-over) current
+with the live PocketBase, so the final cut-over only has a few seconds of changes left to copy.
+Every run snapshots PocketBase read-only, then per collection upserts rows whose `updated` is later
+than the stored watermark minus `overlap_seconds`, finds hard deletes by walking both id sets
+range by range, and compares collections without `updated` by per-range checksums. The figures
+(inserted / updated / deleted per collection) are in the task log and in `pbm_meta.resyncs`.
+
+Guards: a re-sync never runs while a migration task writes the same target (advisory lock), and
+after a cut-over it refuses (PostgreSQL is the source of truth then) unless `force` is set.
+Created paused: unpause it after the first full load. Schedule: `PBM_RESYNC_SCHEDULE`
+(cron, default every 15 minutes), no catch-up; trigger by hand at any time.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from pbm_airflow import default_args, pocketbase_api, postgres_url, source_params
+
+
+@dag(
+    dag_id="pocketbase_resync",
+    schedule=os.environ.get("PBM_RESYNC_SCHEDULE", "*/15 * * * *"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    is_paused_upon_creation=True,
+    default_args=default_args(),
+    doc_md=__doc__,
+    tags=["pbmigrate", "resync"],
+    params={
+        **source_params(),
+        "overlap_seconds": Param(300, type="integer", minimum=0,
+                                 description="Re-read rows updated this long before the stored watermark "
+                                             "(clock skew, transactions in flight at the last snapshot)."),
+        "force": Param(False, type="boolean",
+                       description="Re-sync even after a cut-over (into the live schema). Only while PocketBase "
+                                   "is still the system being written, e.g. after the flag was flipped back."),
+    },
+)
+def pocketbase_resync():
+    # The next scheduled run retries a failure; retrying a refusal at once would only repeat it.
+    @task(retries=0)
+    def resync() -> dict:
+        from pbmigrate import sync
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        return sync.run_resync(
+            source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
+            collections=p["collections"], overlap_seconds=p["overlap_seconds"], force=p["force"],
+            pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(),
+        )
+
+    resync()
+
+
+pocketbase_resync()
