@@ -74,17 +74,32 @@ def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str
     return n
 
 
-def reject_duplicates(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str) -> None:
-    """Rows that would break a unique index: the first by id stays, the others are rejected."""
+def create_unique_indexes(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str,
+                          report: FinalizeReport) -> None:
+    """Each unique index is built optimistically in a savepoint: the build is the duplicate check.
+    Only when it fails are the rows that break it rejected (the first by id stays), then it is
+    built again. Runs before orphan resolution, because rejecting a row can orphan others."""
+    s = qi(schema)
     for t in plan.tables:
         for idx in (i for i in t.indexes if i.unique):
-            exprs = idx.exprs
-            not_null = " AND ".join(f"({e}) IS NOT NULL" for e in exprs)
-            where = f"({idx.where}) AND {not_null}" if idx.where else not_null
-            select = (f"SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY {', '.join(exprs)} "
-                      f"ORDER BY id) AS rn FROM {qi(schema)}.{qi(t.name)} WHERE {where}) d WHERE rn > 1")
-            _reject_ids(conn, schema, t, run_id, select, (), ",".join(idx.columns),
-                            f"duplicate value under unique index {idx.name} (the row with the lowest id was kept)")
+            sql = idx.sql.replace("{schema}", s)
+            try:
+                with conn.transaction():
+                    conn.execute(sql)
+            except psycopg.errors.UniqueViolation:
+                _reject_duplicates(conn, schema, t, idx, run_id)
+                conn.execute(sql)
+            report.indexes += 1
+
+
+def _reject_duplicates(conn: psycopg.Connection, schema: str, t: Table, idx, run_id: str) -> None:
+    exprs = idx.exprs
+    not_null = " AND ".join(f"({e}) IS NOT NULL" for e in exprs)
+    where = f"({idx.where}) AND {not_null}" if idx.where else not_null
+    select = (f"SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY {', '.join(exprs)} "
+              f"ORDER BY id) AS rn FROM {qi(schema)}.{qi(t.name)} WHERE {where}) d WHERE rn > 1")
+    _reject_ids(conn, schema, t, run_id, select, (), ",".join(idx.columns),
+                f"duplicate value under unique index {idx.name} (the row with the lowest id was kept)")
 
 
 def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, mode: str) -> None:
@@ -178,7 +193,7 @@ def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Juncti
 def create_indexes(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
     s = qi(schema)
     for t in plan.tables:
-        for idx in t.indexes:
+        for idx in (i for i in t.indexes if not i.unique):
             conn.execute(idx.sql.replace("{schema}", s))
             report.indexes += 1
         for j in t.junctions:
@@ -237,8 +252,11 @@ def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orp
     # A re-run finds nothing new (rejected rows are gone, nulled values are NULL), so the
     # rejects and orphan counts of an earlier committed finalize stay as they are.
     with conn.transaction():
+        # Index builds and anti-joins over millions of rows: sort and hash in memory.
+        conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
+        conn.execute("SET LOCAL work_mem = '256MB'")
         add_primary_keys(conn, schema, plan)
-        reject_duplicates(conn, schema, plan, run_id)
+        create_unique_indexes(conn, schema, plan, run_id, report)
         resolve_orphans(conn, schema, plan, run_id, orphans)
         _read_back(conn, run_id, report)
         create_indexes(conn, schema, plan, report)

@@ -1,0 +1,216 @@
+"""Benchmark: the `data` task group against pgloader, on the same PocketBase sample.
+
+    .venv/bin/python bench/migrate.py [--rows 2000000] [--batch-size 250000] [--slots 2]
+
+1. Builds (or reuses) the sample game database with a real PocketBase server.
+2. pgloader (Debian's) copies the seven game tables into a fresh database: dates stay text,
+   relations stay JSON text, no foreign keys. Rows/s = rows / wall time.
+3. The pocketbase_migration DAG runs under a real LocalExecutor with `--slots` parallel task slots
+   (`airflow dags test --use-executor`, an API server for the task processes, a PostgreSQL metadata
+   database). The `data` group's time runs from the start of its first task to the end of finalize:
+   snapshot to typed, indexed, constrained tables. Peak RSS of every batch task is sampled.
+Prints both rates, their ratio and the peak memory, and writes bench/out/migrate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+PG = "postgresql://postgres@127.0.0.1:5432"
+TABLES = ["users", "matches", "participants", "inventory", "achievements", "user_stats"]
+
+
+def recreate(db: str) -> str:
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{db}"')
+    return f"{PG}/{db}"
+
+
+def sample(rows: int) -> Path:
+    dest = OUT / f"sample-{rows}"
+    if not (dest / "pb_data" / "data.db").exists():
+        from pbmigrate.sample import build_sample
+
+        shutil.rmtree(dest, ignore_errors=True)
+        build_sample(dest, rows=rows)
+    return dest / "pb_data"
+
+
+def run_pgloader(pb_data: Path) -> dict:
+    if not shutil.which("pgloader"):
+        return {"skipped": "pgloader is not installed (apt-get install pgloader)"}
+    url = recreate("pbm_bench_pgloader")
+    load = Path(tempfile.mkdtemp()) / "load.cmd"
+    names = ", ".join(f"'{t}'" for t in TABLES)
+    load.write_text(f"LOAD DATABASE FROM sqlite://{pb_data / 'data.db'} INTO {url}\n"
+                    f"WITH include drop, create tables, create indexes, reset sequences\n"
+                    f"INCLUDING ONLY TABLE NAMES LIKE {names};\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(["pgloader", str(load)], capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    with psycopg.connect(url) as conn:
+        rows = sum(conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES)
+    return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakRss(threading.Thread):
+    """Samples the resident memory of every batch task process (`data.load`)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "data.load" in cmd and p.info["memory_info"]:
+                    self.peak = max(self.peak, p.info["memory_info"].rss)
+
+
+def run_dag(pb_data: Path, batch_size: int, slots: int) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="pbm_bench_airflow_"))
+    target_url = recreate("pbm_bench_target")
+    meta_url = recreate("pbm_bench_airflow").replace("postgresql://", "postgresql+psycopg2://")
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(slots),
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(slots),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_url,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "AIRFLOW_CONN_PBM_POSTGRES": target_url,
+        "AIRFLOW_CONN_PBM_REDIS": "redis://127.0.0.1:6379/14",
+        "PBM_WORK_DIR": str(home / "work"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "dags")]),
+    }
+    airflow = [sys.executable, "-m", "airflow"]
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    api = subprocess.Popen([*airflow, "api-server", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    monitor = PeakRss()
+    try:
+        _wait_http(port)
+        conf = {"source_path": str(pb_data), "target_schema": "game", "mapping": "game.yaml",
+                "batch_size": batch_size}
+        monitor.start()
+        t0 = time.monotonic()
+        dag = subprocess.Popen([*airflow, "dags", "test", "pocketbase_migration", "--conf", json.dumps(conf),
+                                "--use-executor"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        state = _wait_for_run(meta_url, dag)
+        total = time.monotonic() - t0
+    finally:
+        monitor.stop.set()
+        for proc in (locals().get("dag"), api):
+            if proc and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+    data = _data_group(meta_url, target_url)
+    data.update(state=state, dag_seconds=round(total, 2), peak_batch_rss_mb=round(monitor.peak / 2**20),
+                batch_size=batch_size, slots=slots)
+    shutil.rmtree(home, ignore_errors=True)
+    return data
+
+
+def _wait_http(port: int, timeout: float = 90) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2)
+            return
+        except requests.RequestException:
+            time.sleep(0.5)
+    raise RuntimeError("the Airflow API server did not start")
+
+
+def _wait_for_run(meta_url: str, dag: subprocess.Popen, timeout: float = 3600) -> str:
+    """`dags test --use-executor` may linger after the run: read the run's state instead."""
+    url = meta_url.replace("+psycopg2", "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT state FROM dag_run WHERE dag_id = 'pocketbase_migration' "
+                                   "ORDER BY id DESC LIMIT 1").fetchone()
+        except psycopg.Error:
+            row = None
+        if row and row[0] in ("success", "failed"):
+            return row[0]
+        if dag.poll() is not None and not row:
+            raise RuntimeError("airflow dags test exited before creating a run")
+    raise TimeoutError("the DAG run did not finish")
+
+
+def _data_group(meta_url: str, target_url: str) -> dict:
+    with psycopg.connect(meta_url.replace("+psycopg2", "")) as conn:
+        start, end = conn.execute(
+            "SELECT min(start_date), max(end_date) FROM task_instance WHERE dag_id = 'pocketbase_migration' "
+            "AND task_id LIKE 'data.%'").fetchone()
+        tasks = conn.execute("SELECT count(*) FROM task_instance WHERE task_id = 'data.load'").fetchone()[0]
+    with psycopg.connect(target_url) as conn:
+        rows, junction = conn.execute("SELECT sum(rows_loaded), sum(junction_rows) FROM pbm_meta.batches").fetchone()
+    seconds = (end - start).total_seconds()
+    return {"rows": int(rows), "junction_rows": int(junction), "data_seconds": round(seconds, 2),
+            "rows_per_s": round(int(rows) / seconds), "batch_tasks": tasks}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--batch-size", type=int, default=250_000)
+    parser.add_argument("--slots", type=int, default=2)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    pb_data = sample(args.rows)
+    print(f"sample: {pb_data}", flush=True)
+    pg = run_pgloader(pb_data)
+    print(f"pgloader: {pg}", flush=True)
+    ours = run_dag(pb_data, args.batch_size, args.slots)
+    print(f"pbmigrate data group: {ours}", flush=True)
+    result = {"pgloader": pg, "pbmigrate": ours}
+    if "rows_per_s" in pg:
+        result["ratio"] = round(ours["rows_per_s"] / pg["rows_per_s"], 2)
+        print(f"ratio pbmigrate / pgloader: {result['ratio']}x (target 1.5x); "
+              f"peak batch task RSS {ours['peak_batch_rss_mb']} MB (target < 400 MB)")
+    (OUT / "migrate.json").write_text(json.dumps(result, indent=2))
+    return 0 if ours["state"] == "success" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
