@@ -1,8 +1,8 @@
 """Value conversion from PocketBase's SQLite storage form to PostgreSQL values.
 
 Each converter takes one stored value and returns the value to COPY, or raises `Reject` with a
-reason. Reasons never quote a secret value (password hashes, token keys); other values are
-quoted short, so a person can find the bad record.
+reason of the form "kind: detail" (reports group by the kind). Reasons never quote a secret value
+(password hashes, token keys); other values are quoted short, so a person can find the record.
 
 Policy for PocketBase's empty sentinels (POCKETBASE.md 0.2 #4): text-like fields keep '' (their
 unique indexes are partial on `!= ''`); dates, single selects, single files and single relations
@@ -64,7 +64,7 @@ def text(f: Field) -> Converter:
         except UnicodeDecodeError:
             raise Reject(name, "bytes that are not UTF-8 text") from None
         if "\x00" in s:
-            raise Reject(name, f"NUL byte in text {show(s, secret)} (PostgreSQL text cannot hold it)")
+            raise Reject(name, f"NUL byte in text (PostgreSQL text cannot hold it): {show(s, secret)}")
         return s
 
     return conv
@@ -103,12 +103,12 @@ def integer(f: Field) -> Converter:
         if type(v) is int:
             if INT64_MIN <= v <= INT64_MAX:
                 return v
-            raise Reject(name, f"integer {v} is outside bigint's range")
+            raise Reject(name, f"outside bigint's range: {show(v)}")
         x = as_float(v)
         if not math.isfinite(x) or not x.is_integer():
             raise Reject(name, f"fraction in an integer-only number: {show(v)}")
         if not INT64_MIN <= x <= INT64_MAX:
-            raise Reject(name, f"integer {show(v)} is outside bigint's range")
+            raise Reject(name, f"outside bigint's range: {show(v)}")
         return int(x)
 
     return conv
@@ -177,7 +177,7 @@ def single(f: Field) -> Converter:
             return None
         s = check_text(v)
         if allowed is not None and s not in allowed:
-            raise Reject(name, f"{show(s)} is not one of the select values")
+            raise Reject(name, f"not one of the select values: {show(s)}")
         return s
 
     return conv
@@ -209,7 +209,7 @@ def multi(f: Field) -> Converter:
             if "\x00" in item:
                 raise Reject(name, "NUL byte in an array item")
             if allowed is not None and item not in allowed:
-                raise Reject(name, f"{show(item)} is not one of the select values")
+                raise Reject(name, f"not one of the select values: {show(item)}")
         if required and not items:
             raise Reject(name, f"required {f.type} is empty")
         return items
@@ -237,7 +237,7 @@ def json_value(f: Field) -> Converter:
             return str(v)
         if type(v) is float:
             if not math.isfinite(v):
-                raise Reject(name, f"{v} is not JSON")
+                raise Reject(name, f"not JSON: {v}")
             return jsonb_dump(Decimal(repr(v)))
         try:
             raw = _as_text(v)
