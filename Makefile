@@ -28,7 +28,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 bench: venv services
-	$(PY) bench/run.py
+	$(PY) bench/read.py
+	$(PY) bench/migrate.py
+	$(PY) bench/validate.py
+	$(PY) bench/resync.py
+	$(PY) bench/cache_warmup.py
 
 clean:
 	rm -rf .cache demo_out bench/out airflow_home
