@@ -85,3 +85,31 @@ def test_a_source_that_is_not_pocketbase_fails_before_anything_is_written(run_da
     assert dr.state == "failed"
     with psycopg.connect(fresh_pg_url) as conn:
         assert conn.execute("SELECT to_regnamespace('nothing_staging')").fetchone() == (None,)
+
+
+def test_api_mode_migrates_through_a_running_server_and_keeps_no_secrets(run_dag, fresh_pg_url, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    from urllib.parse import quote
+
+    from pbmigrate.pbserver import PocketBaseServer
+    from pbmigrate.sample import build_sample
+
+    info = build_sample(tmp_path / "sample", rows=600, api_users=2)
+    su = info["superuser"]
+    with PocketBaseServer(Path(info["pb_data"])) as pb:
+        host = pb.url.split("://", 1)[1]
+        monkeypatch.setenv("AIRFLOW_CONN_PBM_POCKETBASE",
+                           f"http://{quote(su['email'], safe='')}:{quote(su['password'], safe='')}@{host}")
+        dr = run_dag("pocketbase_migration", {"source_path": "", "mapping": "game.yaml", "target_schema": "api",
+                                              "batch_size": 200}, pg_url=fresh_pg_url)
+        assert dr.state == "success"
+    run_id = _run_id(fresh_pg_url, "api")
+    plan = _plan(Path(info["pb_data"]) / "data.db", "game.yaml")
+    plan.has_secrets = False  # the API never hands out password hashes or token keys
+    assert assert_migrated(str(Path(info["pb_data"]) / "data.db"), fresh_pg_url, "api_staging", plan, run_id) \
+        == sum(c for name, c in info["counts"].items() if name != "leaderboard")
+    with psycopg.connect(fresh_pg_url) as conn:
+        hashes = conn.execute("SELECT count(*) FROM api_staging.players WHERE password_hash IS NOT NULL").fetchone()
+        note = conn.execute("SELECT assessment->'notes'->>0 FROM pbm_meta.runs WHERE run_id = %s",
+                            (run_id,)).fetchone()[0]
+    assert hashes == (0,) and "password hashes" in note
