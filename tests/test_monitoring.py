@@ -210,7 +210,7 @@ def test_env_example_connections_reach_the_compose_services(monkeypatch: pytest.
     user, password, db = env["PBM_PG_USER"], env["PBM_PG_PASSWORD"], env["PBM_PG_DB"]
     assert pbm_airflow.postgres_url() == f"postgresql://{user}:{password}@target-postgres:5432/{db}"
     assert pbm_airflow.postgres_url() == env["PBM_POSTGRES_URL"]
-    assert pbm_airflow.redis_url() == "redis+cluster://redis-node-1:6379"
+    assert pbm_airflow.redis_url() == "redis+cluster://redis-node-1:6379,redis-node-2:6379,redis-node-3:6379"
     assert pbm_airflow.pocketbase_api() == {
         "url": "http://pocketbase:8090",
         "email": env["PB_SUPERUSER_EMAIL"],
