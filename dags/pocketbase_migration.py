@@ -4,7 +4,11 @@
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
 snapshot of the source, the pre-migration assessment), **schema** (typed tables in the staging
 schema), **data** (one mapped task per id range, then keys, indexes and foreign keys), **cache**
-(warm Redis from the migrated tables: public profiles, leaderboards, games in progress).
+(warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
+**validate** (one GX checkpoint per table, per-batch checksums, then the gate), and the branch:
+**cut over** (backups, schema swap, feature flag), **hold** (`cutover=manual`: validated, waiting
+for the pocketbase_cutover DAG) or **roll back** (staging dropped; the run ends failed).
+The reconciliation report ends the log of whichever of the three ran.
 
 Every task is one call into `pbmigrate`; the DAG only wires them. Re-triggering a failed run
 resumes it: batches already in the ledger (`pbm_meta.batches`) are skipped.
@@ -41,6 +45,9 @@ from pbm_airflow import default_args, pocketbase_api, postgres_url, redis_url, s
                                   "one last re-sync of the loaded staging schema, then the gates and the cut-over."),
         "overlap_seconds": Param(300, type="integer", minimum=0,
                                  description="mode=final: re-read rows updated this long before the watermark."),
+        "cutover": Param("auto", enum=["auto", "manual"],
+                         description="auto: cut over when the gate passes. manual: stop when ready (flag "
+                                     "unchanged); promote later with the pocketbase_cutover DAG."),
     },
 )
 def pocketbase_migration():
@@ -140,6 +147,57 @@ def pocketbase_migration():
         """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot)."""
         return final or full
 
+    @task_group(group_id="validate")
+    def validate(run: dict):
+        @task
+        def checks(run: dict) -> dict:
+            from pbmigrate import quality
+
+            return quality.validate_run(run, postgres_url(), api=pocketbase_api())
+
+        @task
+        def gate(run: dict) -> dict:
+            from pbmigrate import cutover
+
+            return cutover.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
+
+        summary = checks(run)
+        verdict = gate(run)
+        summary >> verdict
+        return verdict
+
+    @task.branch
+    def decide(verdict: dict) -> str:
+        """A passed gate warms the cache (a failed warm-up then blocks promotion); a refused one rolls back."""
+        from pbmigrate import cutover
+
+        return cutover.decide(verdict, "auto", cut_over="cache.warm")
+
+    @task.branch
+    def promote(verdict: dict) -> str:
+        """cutover=auto: cut over now; manual: hold, validated and warm, for the pocketbase_cutover DAG."""
+        from pbmigrate import cutover
+
+        return cutover.decide(verdict, get_current_context()["params"]["cutover"])
+
+    @task
+    def cut_over(run: dict) -> dict:
+        from pbmigrate import cutover
+
+        return cutover.cut_over_run(run, postgres_url(), redis_url())
+
+    @task
+    def hold(run: dict) -> dict:
+        from pbmigrate import cutover
+
+        return cutover.hold_run(run, postgres_url())
+
+    @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
+    def roll_back(run: dict, verdict: dict) -> None:
+        from pbmigrate import cutover
+
+        cutover.roll_back_run(run, postgres_url(), redis_url(), verdict)
+
     mode = choose_mode()
     run = prepare(mode)
     done = data(run, schema(run))
@@ -147,7 +205,10 @@ def pocketbase_migration():
     mode >> final
     loaded = loaded_run(run, final)
     done >> loaded
-    cache(loaded)
+    verdict = validate(loaded)
+    choice = decide(verdict)
+    choice >> cache(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]
+    choice >> roll_back(loaded, verdict)
 
 
 pocketbase_migration()

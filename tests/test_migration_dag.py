@@ -29,8 +29,9 @@ def _plan(db: Path, mapping: str = ""):
 
 
 def test_pocketbase_022_fixture_migrates_every_field_of_every_record(run_dag, fresh_pg_url, fixture_022):
-    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "fx",
-                                          "batch_size": 2, "max_reject_ratio": 0}, pg_url=fresh_pg_url)
+    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "fx", "batch_size": 2,
+            "max_reject_ratio": 0, "cutover": "manual"}  # manual: the staging schema stays to be inspected
+    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url)
     assert dr.state == "success"
     run_id = _run_id(fresh_pg_url, "fx")
     compared = assert_migrated(str(fixture_022 / "data.db"), fresh_pg_url, "fx_staging", _plan(fixture_022 / "data.db"),
@@ -54,8 +55,9 @@ def test_bad_values_go_to_rejects_with_reasons_while_good_rows_load(run_dag, fre
         raw.execute("UPDATE demo2 SET title = 'a' || char(0) || 'b' WHERE id = '0yxhwia2amd8gec'")
         raw.execute("UPDATE demo4 SET json_object = '{\"broken\": ' WHERE id = 'i9naidtvr6qsgb4'")
         raw.execute("UPDATE demo5 SET rel_one = 'missing0000001' WHERE id = 'la4y2w4o98acwuj'")
-    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "bad",
-                                          "orphans": "null"}, pg_url=fresh_pg_url)
+    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "bad", "orphans": "null",
+            "cutover": "manual", "max_reject_ratio": 1}
+    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url)
     assert dr.state == "success"
     run_id = _run_id(fresh_pg_url, "bad")
     with psycopg.connect(fresh_pg_url) as conn:
@@ -101,7 +103,7 @@ def test_api_mode_migrates_through_a_running_server_and_keeps_no_secrets(run_dag
         monkeypatch.setenv("AIRFLOW_CONN_PBM_POCKETBASE",
                            f"http://{quote(su['email'], safe='')}:{quote(su['password'], safe='')}@{host}")
         dr = run_dag("pocketbase_migration", {"source_path": "", "mapping": "game.yaml", "target_schema": "api",
-                                              "batch_size": 200}, pg_url=fresh_pg_url)
+                                              "batch_size": 200, "cutover": "manual"}, pg_url=fresh_pg_url)
         assert dr.state == "success"
     run_id = _run_id(fresh_pg_url, "api")
     plan = _plan(Path(info["pb_data"]) / "data.db", "game.yaml")

@@ -52,7 +52,8 @@ def test_batch_whose_connection_is_killed_mid_copy_succeeds_on_retry_without_dup
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute(KILL_ONCE)
         conn.execute(ATTACH.format(table="demo1", func="pbm_test_kill"))
-    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "kill"},
+    dr = run_dag("pocketbase_migration", {"source_path": str(fixture_022), "mapping": "", "target_schema": "kill",
+                                          "cutover": "manual"},
                  pg_url=fresh_pg_url)
     assert dr.state == "success"
     tries = {ti.map_index: ti.try_number for ti in dr.get_task_instances() if ti.task_id == "data.load"}
@@ -74,7 +75,8 @@ def test_interrupted_run_retriggered_resumes_and_skips_finished_batches(
         conn.execute(OUTAGE)
         conn.execute(ATTACH.format(table="demo5", func="pbm_test_outage"))
     monkeypatch.setenv("PBM_RETRIES", "0")
-    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "resume", "batch_size": 2}
+    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "resume", "batch_size": 2,
+            "cutover": "manual"}
     first = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url)
     assert first.state == "failed"
     before = _ledger(fresh_pg_url, "resume")

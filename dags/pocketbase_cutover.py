@@ -1,0 +1,56 @@
+"""
+### Cut over or roll back, on its own
+
+The automated roll-back the user asked for, and the second half of a manual cut-over.
+
+- **action = cutover**: promote the run waiting in `<target_schema>_staging` (it must have passed
+  the gate, for example a migration run with `cutover=manual`): `pg_dump` of the live schema, then
+  in one transaction live -> `<target_schema>_previous` and staging -> live, then the feature
+  flag `pbm:backend` = `postgres` (Redis and `pbm_meta.flags`).
+- **action = rollback**: undo one step. A staging schema still waiting is dropped (live schema and
+  flag unchanged); otherwise the last cut-over is undone: the flag goes to `pocketbase` first,
+  then live -> `<target_schema>_rolled_back` and `<target_schema>_previous` (or its `pg_dump`)
+  -> live.
+
+Every action is recorded in `pbm_meta.cutovers` and in the run's reconciliation report.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from pbm_airflow import default_args, postgres_url, redis_url
+
+
+@dag(
+    dag_id="pocketbase_cutover",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    doc_md=__doc__,
+    tags=["pbmigrate", "cutover", "rollback"],
+    params={
+        # no default: a trigger must say which, so nobody rolls production back by accident
+        "action": Param(type="string", enum=["cutover", "rollback"],
+                        description="cutover: promote the validated staging schema; rollback: undo one step."),
+        "target_schema": Param("game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
+                               description="Live PostgreSQL schema the action applies to."),
+        "reason": Param("", type="string", description="Why (kept in pbm_meta.cutovers and the report)."),
+    },
+)
+def pocketbase_cutover():
+    @task
+    def apply() -> dict:
+        from pbmigrate import cutover
+
+        p = get_current_context()["params"]
+        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
+
+    apply()
+
+
+pocketbase_cutover()

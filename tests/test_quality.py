@@ -1,0 +1,189 @@
+"""Validation on a real migrated staging schema: GX checkpoints, checksums, pbm_meta.checks, report.
+
+Each test loads the PocketBase 0.22 fixture through the engine's own task functions (prepare,
+create_schema, plan_batches, run_batch, finalize_run) into a database of its own, then checks.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pbmigrate import pipeline, quality, report
+from pbmigrate.mapping import load_mapping
+from pbmigrate.plan import build_plan
+from pbmigrate.sources import open_source
+
+BAD_RECORD = "qjeql998mtp1azp"  # a demo5 record nothing points at, so rejecting it orphans nothing
+
+
+def migrate(pb_data: Path, pg_url: str, target: str, dag_run_id: str, batch_size: int = 3) -> dict:
+    """The data phase of one run, task by task, as the DAG calls it; returns the run dict."""
+    params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=batch_size,
+                                 collections=None, orphans="reject")
+    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=dag_run_id)
+    pipeline.create_schema(run, pg_url)
+    for batch in pipeline.plan_batches(run):
+        pipeline.run_batch(run, batch, pg_url)
+    pipeline.finalize_run(run, pg_url)
+    return run
+
+
+def plant_bad_record(pb_data: Path) -> None:
+    """Two bad fields in one record: one rejected record, two reject rows."""
+    with sqlite3.connect(pb_data / "data.db") as raw:
+        raw.execute("UPDATE demo5 SET select_one = 'zzz', total = 'abc' WHERE id = ?", (BAD_RECORD,))
+
+
+@pytest.fixture(autouse=True)
+def work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PBM_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
+def _checks(pg_url: str, run_id: str) -> dict[tuple[str, str], tuple[bool, dict]]:
+    with psycopg.connect(pg_url) as conn:
+        return {(t, c): (ok, obs) for t, c, ok, obs in conn.execute(
+            "SELECT target_table, check_name, success, observed FROM pbm_meta.checks WHERE run_id = %s", (run_id,))}
+
+
+def test_clean_fixture_passes_every_check_and_keeps_results_docs_and_report(fresh_pg_url, fixture_022):
+    run = migrate(fixture_022, fresh_pg_url, "fx", "clean")
+    summary = quality.validate_run(run, fresh_pg_url)
+
+    assert summary["success"], summary["failures"]
+    checks = _checks(fresh_pg_url, run["run_id"])
+    assert len(checks) == summary["checks"] and all(ok for ok, _ in checks.values())
+    for table in ("clients", "demo1", "demo2", "demo3", "demo4", "demo5", "nologin", "users"):
+        for name in ("row_count", "primary_key_unique", "primary_key_not_null", "checksums", "source_rows"):
+            assert (table, name) in checks
+    assert checks[("demo1", "row_count")][1]["observed_value"] == 3
+    # type conversion (dates, floats, json, arrays) does not upset the checksums
+    assert checks[("demo4", "checksums")][1]["mismatched"] == 0
+    assert ("demo4", "no_orphans:demo4_self_rel_many.target_id->demo4") in checks  # junctions included
+    assert ("demo5", "in_set:select_many") in checks and ("demo5", "in_set:select_one") in checks
+    assert ("demo4", "not_null:rel_one_no_cascade_required") in checks
+
+    assert len(json.dumps(summary)) < 4000  # compact enough for XCom
+    assert Path(summary["data_docs"]).is_file() and summary["data_docs"].endswith("index.html")
+    results = Path(summary["results"]).read_text()
+    with psycopg.connect(fresh_pg_url) as conn:
+        hashes = [h for (h,) in conn.execute('SELECT "passwordHash" FROM fx_staging.users')]
+    assert hashes and not any(h in results for h in hashes)  # secrets never reach the results
+
+    paths = report.publish(run, fresh_pg_url)
+    md = Path(paths["markdown"]).read_text()
+    rep = json.loads(Path(paths["json"]).read_text())
+    assert "| demo1 | demo1 | 3 | 3 | 3 | 0 | ok |" in md
+    assert rep["totals"]["rows_read"] == 22 and rep["validation"]["data_docs"] == summary["data_docs"]
+
+
+def test_one_value_changed_in_the_target_after_the_load_is_caught_by_the_checksums(fresh_pg_url, fixture_022):
+    run = migrate(fixture_022, fresh_pg_url, "fx", "changed")
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE fx_staging.demo2 SET title = 'test2 ' WHERE id = 'achvryl401bhse3'")
+
+    summary = quality.validate_run(run, fresh_pg_url)
+
+    assert not summary["success"]
+    assert [(f["table"], f["check"]) for f in summary["failures"]] == [("demo2", "checksums")]
+    observed = summary["failures"][0]["observed"]
+    bad = observed["examples"][0]
+    assert observed["mismatched"] == 1 and bad["lo"] <= "achvryl401bhse3" <= bad["hi"]
+
+
+def test_rejected_records_are_subtracted_once_from_the_expected_row_count(fresh_pg_url, fixture_022):
+    plant_bad_record(fixture_022)
+    run = migrate(fixture_022, fresh_pg_url, "fx", "dirty")
+
+    summary = quality.validate_run(run, fresh_pg_url)
+
+    assert summary["success"], summary["failures"]  # rejects are the gate's business, not a failed check
+    with psycopg.connect(fresh_pg_url) as conn:
+        counts = quality.ledger_counts(conn, run["run_id"])
+        reject_rows = conn.execute("SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s",
+                                   (run["run_id"],)).fetchone()[0]
+    assert reject_rows == 2 and counts["demo5"] == {"table": "demo5", "read": 2, "rejected": 1, "expected": 1,
+                                                    "batches": 1}
+    rep = report.build(psycopg.connect(fresh_pg_url, autocommit=True), run)
+    demo5 = next(c for c in rep["collections"] if c["collection"] == "demo5")
+    assert demo5["rejected"] == 1 and demo5["target_rows"] == 1
+    assert {r["field"] for r in demo5["rejects"]} == {"select_one", "total"}
+    assert all(r["examples"] == [BAD_RECORD] for r in demo5["rejects"])
+
+
+def test_gx_catches_duplicates_nulls_values_outside_the_set_and_orphans(fresh_pg_url, fixture_022):
+    run = migrate(fixture_022, fresh_pg_url, "fx", "tampered")
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for sql in (
+            "ALTER TABLE fx_staging.demo5 DROP CONSTRAINT demo5_select_one_check",
+            "ALTER TABLE fx_staging.demo5 DROP CONSTRAINT demo5_select_many_check",
+            "UPDATE fx_staging.demo5 SET select_one = 'zzz', select_many = '{a,zzz}' WHERE id = 'qjeql998mtp1azp'",
+            "ALTER TABLE fx_staging.demo2 ALTER COLUMN title DROP NOT NULL",
+            "UPDATE fx_staging.demo2 SET title = NULL WHERE id = 'llvuca81nly1qls'",
+            "ALTER TABLE fx_staging.demo3 DROP CONSTRAINT demo3_pkey CASCADE",
+            "INSERT INTO fx_staging.demo3 SELECT * FROM fx_staging.demo3 ORDER BY id LIMIT 1",
+            "ALTER TABLE fx_staging.users DROP CONSTRAINT fk_users_rel",
+            "UPDATE fx_staging.users SET rel = 'nowhere' WHERE id = 'oap640cot4yru2s'",
+            "ALTER TABLE fx_staging.demo1_rel_many DROP CONSTRAINT demo1_rel_many_target_id_fk",
+            "INSERT INTO fx_staging.demo1_rel_many VALUES ('84nmscqy84lsi1t', 'ghost', 99)",
+        ):
+            conn.execute(sql)
+
+    quality.validate_run(run, fresh_pg_url)
+
+    failed = {k: obs for k, (ok, obs) in _checks(fresh_pg_url, run["run_id"]).items() if not ok}
+    assert failed[("demo5", "in_set:select_one")]["examples"] == ["zzz"]
+    assert failed[("demo5", "in_set:select_many")]["examples"] == ["qjeql998mtp1azp"]
+    assert failed[("demo2", "not_null:title")]["unexpected_count"] == 1
+    assert failed[("demo2", "not_null:title")]["examples"] == ["llvuca81nly1qls"]
+    dup = failed[("demo3", "primary_key_unique")]
+    assert dup["observed_value"] == 1 and len(dup["examples"]) == 1
+    assert ("demo3", "row_count") in failed and failed[("demo3", "row_count")]["observed_value"] == 5
+    assert failed[("users", "no_orphans:rel->demo2")]["examples"] == ["oap640cot4yru2s"]
+    assert failed[("demo1", "no_orphans:demo1_rel_many.target_id->users")]["examples"] == ["84nmscqy84lsi1t"]
+    checksum_failures = {t for t, c in failed if c == "checksums"}
+    assert checksum_failures == {"demo1", "demo2", "demo3", "demo5", "users"}
+    assert not any("exception" in obs for obs in failed.values())
+
+
+def test_table_specs_escape_braces_for_gx_and_quote_identifiers(fixture_022):
+    src = open_source(str(fixture_022 / "data.db"))
+    try:
+        plan = build_plan(src.catalog(), load_mapping(""))
+    finally:
+        src.close()
+    specs = {s.name: s for s in quality.table_specs(plan.table_named("demo5"), 'we"ird', 2)}
+    assert specs["row_count"].value == 2
+    orphan = specs["no_orphans:demo5_rel_many.target_id->demo4"]
+    assert '"we""ird"."demo5_rel_many"' in orphan.value and quality.BATCH in orphan.value
+    assert quality.gx_query("SELECT '{x}' FROM " + quality.BATCH) == "SELECT '{{x}}' FROM {batch}"
+
+
+def test_after_a_final_resync_tables_are_compared_with_the_new_snapshot_not_the_stale_ledger(
+        fresh_pg_url, fixture_022):
+    from pbmigrate import sync
+
+    migrate(fixture_022, fresh_pg_url, "fx", "full")
+    with sqlite3.connect(fixture_022 / "data.db") as raw:  # PocketBase kept taking writes
+        raw.execute("UPDATE demo2 SET title = 'renamed', updated = '2030-01-01 00:00:00.000Z' "
+                    "WHERE id = 'achvryl401bhse3'")
+    run = sync.final_sync(source_path=str(fixture_022), target_schema="fx", mapping="", collections=None,
+                          pg_url=fresh_pg_url, dag_run_id="final")
+
+    summary = quality.validate_run(run, fresh_pg_url)
+
+    assert summary["success"], summary["failures"]
+    checks = _checks(fresh_pg_url, run["run_id"])
+    assert checks[("demo2", "checksums")][1]["mode"] == "compared with the source after re-sync"
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT title FROM fx_staging.demo2 WHERE id = 'achvryl401bhse3'").fetchone() == (
+            "renamed",)
+        conn.execute("UPDATE fx_staging.demo2 SET title = 'tampered' WHERE id = 'llvuca81nly1qls'")
+    summary = quality.validate_run(run, fresh_pg_url)
+    assert [(f["table"], f["check"]) for f in summary["failures"]] == [("demo2", "checksums")]
+    assert summary["failures"][0]["observed"]["changed"] == 1
