@@ -79,8 +79,9 @@ def summary(pg_url: str, redis_url: str, target: str) -> str:
                                "GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 10", (run_id,)).fetchall()
         for coll, field, reason, n in rejects:
             lines.append(f"  reject: {coll}.{field}: {reason} ({n})")
-        if report:
-            lines += ["", "== Reconciliation report", report.get("markdown", "") if isinstance(report, dict) else ""]
+        markdown = Path(((report or {}).get("report") or {}).get("markdown") or "/nonexistent")
+        if markdown.is_file():
+            lines += ["", f"== Reconciliation report ({markdown})", markdown.read_text()]
     client = connect(redis_url)
     try:
         keys = {p: sum(1 for _ in client.scan_iter(match=p, count=1000))
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         state = airflow_local.run_dag("pocketbase_migration", conf).state
     print(f"  DAG run {state} in {time.monotonic() - t0:.1f} s\n")
     print(summary(pg_url, redis_url, target))
-    print(f"\nTotal {time.monotonic() - started:.1f} s. Target schema: {target} (staging: {target}_staging).")
+    print(f"\nTotal {time.monotonic() - started:.1f} s. Live schema: {target}; the one it replaced, if any: "
+          f"{target}_previous.")
     return 0 if state == "success" else 1
 
 
