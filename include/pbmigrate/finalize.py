@@ -9,6 +9,9 @@ built: nothing is dropped silently, and the constraints end up VALID. Every step
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
@@ -29,6 +32,13 @@ class FinalizeReport:
     indexes: int = 0
     foreign_keys: int = 0
     views: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per step, for the log and the report
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.steps[step] = round(time.monotonic() - started, 3)
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -132,6 +142,12 @@ def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: s
         )
 
 
+def _any(conn: psycopg.Connection, select: str) -> bool:
+    """A whole-table anti-join, counted: a hash join the planner picks reliably (a LIMIT invites
+    millions of index probes instead). The common answer is "none", so this is the hot path."""
+    return conn.execute(f"SELECT count(*) FROM ({select}) d").fetchone()[0] > 0
+
+
 def _affected(conn: psycopg.Connection, select: str) -> str:
     """Pin the ids a change will touch, so their digests can be taken before and after it."""
     conn.execute('CREATE TEMP TABLE IF NOT EXISTS pbm_affected (id text COLLATE "C") ON COMMIT DROP')
@@ -148,11 +164,11 @@ def _tally(counts: dict, key: tuple[str, str, str], n: int, ids: list[str]) -> N
 def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str, target: str, fname: str,
                     run_id: str, mode: str, counts: dict) -> int:
     s, c = qi(schema), qi(column)
-    select = (f"SELECT x.id FROM {s}.{qi(t.name)} x LEFT JOIN {s}.{qi(target)} y ON y.id = x.{c} "
-              f"WHERE x.{c} IS NOT NULL AND y.id IS NULL")
-    ids = [r[0] for r in conn.execute(select + " ORDER BY x.id LIMIT %s", (EXAMPLES,))]
-    if not ids:
+    select = (f"SELECT x.id FROM {s}.{qi(t.name)} x WHERE x.{c} IS NOT NULL "
+              f"AND NOT EXISTS (SELECT 1 FROM {s}.{qi(target)} y WHERE y.id = x.{c})")
+    if not _any(conn, select):
         return 0
+    ids = [r[0] for r in conn.execute(select + " ORDER BY x.id LIMIT %s", (EXAMPLES,))]
     if mode == "null":
         affected = _affected(conn, select)
         before = ledger.row_sums(conn, schema, t, run_id, affected)
@@ -169,12 +185,12 @@ def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str
 def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Junction, run_id: str, mode: str,
                       counts: dict) -> int:
     s, jt, o, g = qi(schema), qi(j.table), qi(j.owner), qi(j.target)
-    dangling = (f"SELECT x.{o} AS id FROM {s}.{jt} x LEFT JOIN {s}.{qi(j.target_table)} y ON y.id = x.{g} "
-                f"WHERE y.id IS NULL")
+    dangling = (f"SELECT x.{o} AS id FROM {s}.{jt} x "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})")
+    if not _any(conn, dangling):
+        return 0
     ids = [r[0] for r in conn.execute(f"SELECT DISTINCT id FROM ({dangling}) d ORDER BY id LIMIT %s",
                                       (EXAMPLES,))]
-    if not ids:
-        return 0
     key = (t.collection.name, j.field.name, j.target_table or "")
     if mode == "null":
         missing = f"NOT EXISTS (SELECT 1 FROM {s}.{qi(j.target_table)} y WHERE y.id = x.{g})"
@@ -255,15 +271,24 @@ def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orp
         # Index builds and anti-joins over millions of rows: sort and hash in memory.
         conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
         conn.execute("SET LOCAL work_mem = '256MB'")
-        add_primary_keys(conn, schema, plan)
-        create_unique_indexes(conn, schema, plan, run_id, report)
-        resolve_orphans(conn, schema, plan, run_id, orphans)
+        with report.timed("primary_keys"):
+            add_primary_keys(conn, schema, plan)
+        with report.timed("analyze"):  # statistics before the anti-joins, or their plans are guesses
+            _analyze(conn, schema, plan)
+        with report.timed("unique_indexes"):
+            create_unique_indexes(conn, schema, plan, run_id, report)
+        with report.timed("orphans"):
+            resolve_orphans(conn, schema, plan, run_id, orphans)
         _read_back(conn, run_id, report)
-        create_indexes(conn, schema, plan, report)
-        add_foreign_keys(conn, schema, plan, report)
+        with report.timed("indexes"):
+            create_indexes(conn, schema, plan, report)
+        with report.timed("foreign_keys"):
+            add_foreign_keys(conn, schema, plan, report)
         create_views(conn, schema, plan, report)
-    for t in plan.tables:
-        conn.execute(f"ANALYZE {qi(schema)}.{qi(t.name)}")
-        for j in t.junctions:
-            conn.execute(f"ANALYZE {qi(schema)}.{qi(j.table)}")
     return report.as_dict()
+
+
+def _analyze(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+    for t in plan.tables:
+        for name in (t.name, *(j.table for j in t.junctions)):
+            conn.execute(f"ANALYZE {qi(schema)}.{qi(name)}")
