@@ -5,8 +5,10 @@ Every test talks to real services. Each test session creates its own database an
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,18 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
+# Airflow reads its configuration once, when first imported; point it at a private home before any
+# test module can import it, so the order tests run in cannot matter. The airflow_home fixture
+# migrates that database when a test first needs it.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pbm_test_airflow_"))
+os.environ.update({
+    "AIRFLOW_HOME": str(AIRFLOW_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}",
+})
+atexit.register(shutil.rmtree, AIRFLOW_HOME, True)
 SHARED = ROOT.parent / "shared"
 FIXTURE_022 = SHARED / "fixtures" / "pocketbase-v0.22-testdata"
 PG_ADMIN_URL = os.environ.get("PBM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -77,13 +91,12 @@ def fixture_022(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Path:
+def airflow_home(pg_url: str) -> Path:
     """One Airflow home (SQLite metadata) for every dag.test() run of the session."""
     import airflow_local
 
-    home = tmp_path_factory.mktemp("airflow_home")
-    airflow_local.configure(home, pg_url=pg_url, redis_url=REDIS_TEST_URL, retry_delay=0.05)
-    return home
+    airflow_local.configure(AIRFLOW_HOME, pg_url=pg_url, redis_url=REDIS_TEST_URL, retry_delay=0.05)
+    return AIRFLOW_HOME
 
 
 @pytest.fixture

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -187,13 +188,18 @@ def push_checks(failed: int, passed: int, run_id: str, table: str = "all") -> bo
 
 
 def push_cache(keys_by_pattern: Mapping[str, int], run_id: str) -> bool:
-    """After cache warming: keys written per Redis key pattern."""
-    counts = {(pattern,): n for pattern, n in keys_by_pattern.items()}
-    return _push(
-        {"pbm_cache_keys_written": counts},
-        {"run_id": run_id, "phase": "cache"},
-        labelnames=("pattern",),
-    )
+    """After cache warming: keys written per Redis key pattern. Each pattern has a group of its
+    own, because the warm-up sections push from separate tasks and a push replaces same-named
+    metrics within its group."""
+    ok = True
+    for pattern, n in keys_by_pattern.items():
+        section = re.sub(r"[^A-Za-z0-9]+", "_", pattern).strip("_")
+        ok &= _push(
+            {"pbm_cache_keys_written": {(pattern,): n}},
+            {"run_id": run_id, "phase": "cache", "section": section},
+            labelnames=("pattern",),
+        )
+    return ok
 
 
 def push_resync(

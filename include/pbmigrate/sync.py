@@ -40,7 +40,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from pbmigrate import checksum, ledger, meta, pgcopy
+from pbmigrate import checksum, ledger, meta, metrics, pgcopy
 from pbmigrate.convert import Reject, multi, parse_datetime
 from pbmigrate.errors import PbmError, TargetError
 from pbmigrate.load import _reject_all
@@ -1249,6 +1249,10 @@ def run_resync(*, source_path: str, target_schema: str, mapping: str, collection
     log.info("re-sync of %s into %s: inserted %d, updated %d, deleted %d, rejected %d in %.2f s", target_schema,
              target.schema, totals["inserted"], totals["updated"], totals["deleted"], totals["rejected"],
              summary["seconds"])
+    # PostgreSQL now holds PocketBase as of the snapshot: the lag is the snapshot's age.
+    lag = (datetime.now(UTC) - snapshot_at).total_seconds() if snapshot_at else 0.0
+    for r in results:
+        metrics.push_resync(r.collection, r.inserted, r.updated, r.deleted, lag, target.run_id)
     return summary
 
 

@@ -43,6 +43,7 @@ import psycopg
 import redis
 from redis.exceptions import AskError, ClusterDownError, MasterDownError, MovedError, NoScriptError, TryAgainError
 
+from pbmigrate import metrics
 from pbmigrate.cache import (
     _SWAP_LEADERBOARD,
     GameStateSpec,
@@ -532,9 +533,12 @@ def warm_run(run: Mapping[str, Any], section: str, *, pg_url: str, redis_url: st
     cfg = parse_cache_config(cache)
     client = connect(redis_url, retries=cfg.retries)
     try:
-        return WARMERS[section](pg_url, run["staging_schema"], cfg, client).as_dict()
+        result = WARMERS[section](pg_url, run["staging_schema"], cfg, client)
     finally:
         client.close()
+    if result.configured and run.get("run_id"):
+        metrics.push_cache({result.pattern: result.keys}, run["run_id"])
+    return result.as_dict()
 
 
 def _sha(script: str) -> str:
