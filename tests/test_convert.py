@@ -98,6 +98,14 @@ def test_multi_values_keep_order_and_check_select_values():
         c("[1,")
 
 
+def test_multi_relation_ids_parse_exactly_whatever_the_json_spelling():
+    c = conv("relation", multi=True, target="x")
+    assert c('["a","b"]') == ["a", "b"] and c('["a", "b"]') == ["a", "b"]
+    assert c('["a\\tb"]') == ["a\tb"]  # an escaped tab is a tab
+    with pytest.raises(Reject, match="not a JSON array"):
+        c('["a\tb"]')  # a raw tab is not JSON
+
+
 def test_single_select_empty_is_null_and_unknown_value_is_rejected():
     c = conv("select", values=("draft", "published"))
     assert c("published") == "published" and c("") is None

@@ -48,7 +48,9 @@ def _timestamptz(v: Any) -> str:
 
 
 def _text_array(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    """`array_to_json(text[])`: what json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    gives, at a third of its cost (it builds an encoder per call)."""
+    return "[" + ",".join(map(_encode_str, v)) + "]"
 
 
 def _point(v: Any) -> str:

@@ -183,6 +183,17 @@ def single(f: Field) -> Converter:
     return conv
 
 
+def _string_list(raw: str) -> Any:
+    """A JSON array of strings, parsed. PocketBase writes them compact (`["a","b"]`); without a
+    backslash no item can hold a quote (JSON escapes it), so splitting is exact. Anything else,
+    control characters included (invalid raw in JSON), goes to the JSON parser."""
+    if raw.startswith('["') and raw.endswith('"]') and "\\" not in raw and raw.isprintable():
+        items = raw[2:-2].split('","')
+        if not any('"' in i for i in items):
+            return items
+    return json.loads(raw)
+
+
 def multi(f: Field) -> Converter:
     """Multi select, file or relation: an ordered JSON array of strings."""
     name, required, allowed = f.name, f.required, frozenset(f.values) if f.type == "select" else None
@@ -194,7 +205,7 @@ def multi(f: Field) -> Converter:
             return []
         raw = _as_text(v)
         try:
-            items = json.loads(raw)
+            items = _string_list(raw)
         except ValueError:
             # 0.22 single->multi changes can leave a bare id behind; PocketBase reads it as [id].
             if raw and raw[0] not in "[{\"":
