@@ -245,6 +245,17 @@ def _tampered_copy(built: EveryTypeDB, dest: Path) -> Path:
     return copy
 
 
+def _catalog_error(pb_data: Path) -> pytest.ExceptionInfo[CatalogError]:
+    """Reading the catalog of a tampered copy must fail with a CatalogError."""
+    ro = open_readonly(pb_data)
+    try:
+        with pytest.raises(CatalogError) as err:
+            read_catalog(ro)
+    finally:
+        ro.close()
+    return err
+
+
 @pytest.mark.parametrize("version", ["0.40.6", "0.22.27"])
 def test_a_future_field_type_is_named_in_the_error(version: str, every_type_dbs: dict[str, EveryTypeDB],
                                                    tmp_path_factory: pytest.TempPathFactory,
@@ -258,12 +269,7 @@ def test_a_future_field_type_is_named_in_the_error(version: str, every_type_dbs:
         next(f for f in fields if f["name"] == "amount")["type"] = "vector"
         conn.execute(f"UPDATE _collections SET {column}=? WHERE name='everything'", (json.dumps(fields),))
     conn.close()
-    ro = open_readonly(copy)
-    try:
-        with pytest.raises(CatalogError) as err:
-            read_catalog(ro)
-    finally:
-        ro.close()
+    err = _catalog_error(copy)
     msg = _one_line(err.value)
     assert "'vector'" in msg and "'everything'" in msg and "'amount'" in msg
 
@@ -275,12 +281,7 @@ def test_malformed_collection_json_is_a_catalog_error(every_type_dbs: dict[str, 
     with sqlite3.connect(copy / "data.db") as conn:
         conn.execute("UPDATE _collections SET fields='[{\"name\": ' WHERE name='tags'")
     conn.close()
-    ro = open_readonly(copy)
-    try:
-        with pytest.raises(CatalogError) as err:
-            read_catalog(ro)
-    finally:
-        ro.close()
+    err = _catalog_error(copy)
     assert "tags" in _one_line(err.value) and "not valid JSON" in str(err.value)
 
 
@@ -292,10 +293,5 @@ def test_a_field_missing_from_the_table_is_a_catalog_error(every_type_dbs: dict[
         conn.execute("DROP INDEX idx_tags_label")
         conn.execute("ALTER TABLE tags DROP COLUMN label")
     conn.close()
-    ro = open_readonly(copy)
-    try:
-        with pytest.raises(CatalogError) as err:
-            read_catalog(ro)
-    finally:
-        ro.close()
+    err = _catalog_error(copy)
     assert "'tags'" in _one_line(err.value) and "label" in str(err.value)
