@@ -18,12 +18,12 @@ import psycopg
 from pbmigrate import ddl, meta, metrics
 from pbmigrate.checks import check_postgres, safe_url
 from pbmigrate.finalize import ORPHAN_MODES, finalize
+from pbmigrate.guard import target_lock
 from pbmigrate.load import load_batch
 from pbmigrate.mapping import load_mapping
 from pbmigrate.plan import Plan, build_plan
 from pbmigrate.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.sources import Source, open_source, plan_ranges
-from pbmigrate.sync import target_lock
 
 log = logging.getLogger("pbmigrate")
 
