@@ -297,11 +297,11 @@ def _gate_passed(conn: psycopg.Connection, run_id: str) -> bool:
 def cut_over_in_effect(conn: psycopg.Connection, target: str) -> dict | None:
     """The cut-over the live schema comes from: cut-overs stack up, each roll-back pops one."""
     stack: list[dict] = []
-    for run_id, action, previous in conn.execute(
-            """SELECT run_id, action, previous_schema FROM pbm_meta.cutovers
+    for run_id, action, previous, at in conn.execute(
+            """SELECT run_id, action, previous_schema, at FROM pbm_meta.cutovers
                 WHERE target_schema = %s AND action IN ('cutover', 'rollback') ORDER BY id""", (target,)):
         if action == "cutover":
-            stack.append({"run_id": run_id, "previous_schema": previous})
+            stack.append({"run_id": run_id, "previous_schema": previous, "at": at})
         elif stack:
             stack.pop()
     return stack[-1] if stack else None

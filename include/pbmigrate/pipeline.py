@@ -33,6 +33,16 @@ def work_dir() -> Path:
     return Path(os.environ.get("PBM_WORK_DIR", "/tmp/pbmigrate"))
 
 
+def safe_name(name: str) -> str:
+    """A run id (or any name) as a file name: Airflow's run ids hold ':' and '+'."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def run_dir(target_schema: str, run_id: str) -> Path:
+    """The folder of one run's snapshot, backups, validation results and report."""
+    return work_dir() / target_schema / safe_name(run_id)
+
+
 def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size: int,
                collections: list[str] | None, orphans: str) -> dict[str, Any]:
     if orphans not in ORPHAN_MODES:
@@ -94,8 +104,7 @@ def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = No
 
 
 def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
-    safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
-    dest = work_dir() / params["target_schema"] / safe_id
+    dest = run_dir(params["target_schema"], run_id)
     if params["source_path"]:
         snap = take_snapshot(params["source_path"], dest / "data.db")
         log.info("snapshot of %s: %s (%s bytes, %.2f s), quick_check ok", snap.source, snap.path, snap.bytes,

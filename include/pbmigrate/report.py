@@ -26,10 +26,9 @@ REASONS_SHOWN = 10  # reject reasons listed per collection; the rest are summed 
 
 def run_dir(run: dict) -> Path:
     """The run's folder under the work dir: the snapshot, validation results, backups, this report."""
-    from pbmigrate.pipeline import work_dir
+    from pbmigrate import pipeline
 
-    safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run["run_id"])
-    return work_dir() / run["target_schema"] / safe_id
+    return pipeline.run_dir(run["target_schema"], run["run_id"])
 
 
 def report_paths(run: dict) -> dict[str, str]:

@@ -42,22 +42,23 @@ from psycopg import errors as pgerrors
 
 from pbmigrate import checksum, ledger, meta, metrics, pgcopy
 from pbmigrate.convert import Reject, multi, parse_datetime
+from pbmigrate.cutover import cut_over_in_effect
 from pbmigrate.errors import PbmError
 from pbmigrate.guard import TargetBusy, target_lock  # noqa: F401 - part of this module's API
 from pbmigrate.load import _reject_all
 from pbmigrate.mapping import load_mapping
+from pbmigrate.pipeline import safe_name
 from pbmigrate.plan import Junction, Plan, Table, build_plan, qi
 from pbmigrate.snapshot import take_snapshot
 from pbmigrate.sources import Source, open_source
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate.sources.sqlite import SqliteSource, select_sql
+from pbmigrate.sources.sqlite import qi as qi_sqlite
 
 log = logging.getLogger("pbmigrate.sync")
 
 DEFAULT_OVERLAP_SECONDS = 300
 RANGE_ROWS = 20_000  # ids per compared range: what one step of the walk holds in memory
 WRITE_ROWS = 5_000  # rows converted, compared and written at a time
-CUTOVER_ACTIONS = frozenset({"cutover"})  # pbm_meta.cutovers, as pbmigrate.cutover writes them
-ROLLBACK_ACTIONS = frozenset({"rollback"})
 UNLOADED_STATUSES = frozenset({"running", "failed", "rolled_back", "rolledback"})
 REJECT_STAGES = ("load", "finalize", "resync")  # rejects a re-sync may clear or replace
 UTC = timezone.utc
@@ -121,18 +122,6 @@ def _schema_exists(conn: psycopg.Connection, schema: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
 
 
-def _cutover_in_effect(conn: psycopg.Connection, target_schema: str) -> tuple[str, datetime] | None:
-    """(run_id, at) of the cut-over the live schema comes from: cut-overs stack, roll-backs pop."""
-    stack: list[tuple[str, datetime]] = []
-    for run_id, action, at in conn.execute(
-            "SELECT run_id, action, at FROM pbm_meta.cutovers WHERE target_schema = %s ORDER BY id", (target_schema,)):
-        if action in CUTOVER_ACTIONS:
-            stack.append((run_id, at))
-        elif action in ROLLBACK_ACTIONS and stack:
-            stack.pop()
-    return stack[-1] if stack else None
-
-
 def resolve_target(conn: psycopg.Connection, target_schema: str, *, force: bool = False) -> SyncTarget:
     """The schema a re-sync may write, or ResyncRefused saying why not."""
     row = conn.execute(
@@ -144,12 +133,12 @@ def resolve_target(conn: psycopg.Connection, target_schema: str, *, force: bool 
         raise ResyncRefused(f"no migration has loaded target {target_schema!r} yet: run pocketbase_migration "
                             "first (a re-sync keeps a loaded schema current, it does not create one)")
     run_id, dag_run_id, staging, status, params, source, kind, snapshot = row
-    cut = _cutover_in_effect(conn, target_schema)
+    cut = cut_over_in_effect(conn, target_schema)
     cut_over = status == "promoted" or cut is not None
     run = {"run_id": run_id, "dag_run_id": dag_run_id, "target_schema": target_schema, "staging_schema": staging,
            "source": source, "source_kind": kind, "snapshot_path": snapshot, "params": params, "resumed": True}
     if cut_over:
-        when = f" at {cut[1]:%Y-%m-%d %H:%M:%S %Z} (run {cut[0]})" if cut is not None else ""
+        when = f" at {cut['at']:%Y-%m-%d %H:%M:%S %Z} (run {cut['run_id']})" if cut is not None else ""
         if not force:
             raise ResyncRefused(
                 f"target {target_schema!r} was cut over to PostgreSQL{when}: PocketBase is no longer "
@@ -259,14 +248,6 @@ class RangeDiff:
 # --- reading the source -----------------------------------------------------------------------
 
 
-def _sq(ident: str) -> str:
-    return '"' + ident.replace('"', '""') + '"'
-
-
-def _select(table: Table) -> str:
-    return f"SELECT {', '.join(_sq(f.name) for f in table.collection.fields)} FROM {_sq(table.collection.name)}"
-
-
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(islice(it, n)):
@@ -275,7 +256,7 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
 
 def _id_chunks(source: Source, table: Table, n: int) -> Iterator[list[str]]:
     if isinstance(source, SqliteSource):  # the covering index, no row lookups
-        cur = source.conn.execute(f"SELECT id FROM {_sq(table.collection.name)} ORDER BY id")
+        cur = source.conn.execute(f"SELECT id FROM {qi_sqlite(table.collection.name)} ORDER BY id")
         while chunk := cur.fetchmany(n):
             yield [r[0] for r in chunk]
     else:
@@ -284,7 +265,7 @@ def _id_chunks(source: Source, table: Table, n: int) -> Iterator[list[str]]:
 
 def _row_chunks(source: Source, table: Table, n: int) -> Iterator[list[tuple]]:
     if isinstance(source, SqliteSource):
-        cur = source.conn.execute(_select(table) + " ORDER BY id")
+        cur = source.conn.execute(select_sql(table.collection) + " ORDER BY id")
         while chunk := cur.fetchmany(n):
             yield chunk
     else:
@@ -295,7 +276,7 @@ def _changed_rows(source: Source, table: Table, pos: int, since: str) -> Iterato
     """Rows whose `updated` >= since, in no particular order (a sort would cost a lookup per row)."""
     name = table.collection.fields[pos].name
     if isinstance(source, SqliteSource):
-        cur = source.conn.execute(f"{_select(table)} WHERE {_sq(name)} >= ?", (since,))
+        cur = source.conn.execute(f"{select_sql(table.collection)} WHERE {qi_sqlite(name)} >= ?", (since,))
         while chunk := cur.fetchmany(WRITE_ROWS):
             yield from chunk
     else:
@@ -309,12 +290,12 @@ def _rows_referencing(source: Source, table: Table, field_name: str, multi: bool
     """Rows whose relation `field_name` holds one of `ids` (a JSON array when `multi`)."""
     pos = next(i for i, f in enumerate(table.collection.fields) if f.name == field_name)
     if isinstance(source, SqliteSource):
-        col = _sq(field_name)
+        col = qi_sqlite(field_name)
         for part in _chunks(ids, 500):
             marks = ",".join("?" * len(part))
             where = (f"EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid({col}) THEN {col} ELSE '[]' END) "
                      f"WHERE value IN ({marks}))" if multi else f"{col} IN ({marks})")
-            yield from source.conn.execute(f"{_select(table)} WHERE {where}", part)
+            yield from source.conn.execute(f"{select_sql(table.collection)} WHERE {where}", part)
         return
     wanted = set(ids)
     for row in source.rows(table.collection):
@@ -329,7 +310,8 @@ def _rows_referencing(source: Source, table: Table, field_name: str, multi: bool
 def _rows_by_ids(source: Source, table: Table, ids: list[str]) -> Iterator[tuple]:
     if isinstance(source, SqliteSource):
         for part in _chunks(ids, 500):
-            yield from source.conn.execute(f"{_select(table)} WHERE id IN ({','.join('?' * len(part))})", part)
+            marks = ",".join("?" * len(part))
+            yield from source.conn.execute(f"{select_sql(table.collection)} WHERE id IN ({marks})", part)
     else:
         for rid in ids:
             yield from source.rows(table.collection, rid, rid)
@@ -1133,10 +1115,6 @@ def compare_collection(conn: psycopg.Connection, source: Source, table: Table, s
 # --- entry points for the DAG tasks ----------------------------------------------------------
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def resync_dir(target_schema: str) -> Path:
     """Where the re-sync keeps its snapshot: one per target, replaced by every run."""
     from pbmigrate.pipeline import work_dir
@@ -1223,7 +1201,7 @@ def final_sync(*, source_path: str, target_schema: str, mapping: str, collection
     summary = run_resync(source_path=source_path, target_schema=target_schema, mapping=mapping,
                          collections=collections, pg_url=pg_url, resync_id=f"final:{dag_run_id}",
                          overlap_seconds=overlap_seconds, force=False, api=api, lock_wait_seconds=lock_wait_seconds,
-                         snapshot_name=f"final-{_safe(dag_run_id)}.db")  # its own file: the gates read it
+                         snapshot_name=f"final-{safe_name(dag_run_id)}.db")  # its own file: the gates read it
     with psycopg.connect(pg_url, autocommit=True) as conn:
         target = resolve_target(conn, target_schema)
     run = dict(target.run)

@@ -53,11 +53,11 @@ class SqliteSource:
         """Rows with ids in [lo, hi]; `ordered=False` lets a large range be read as a table scan."""
         where, args = _range(lo, hi)
         if ordered:
-            sql = f"{_select(coll)}{where} ORDER BY id"
+            sql = f"{select_sql(coll)}{where} ORDER BY id"
         elif where and self._share(coll, where, args) >= SCAN_SHARE:
-            sql = f"{_select(coll)} NOT INDEXED{where}"
+            sql = f"{select_sql(coll)} NOT INDEXED{where}"
         else:
-            sql = f"{_select(coll)}{where}"
+            sql = f"{select_sql(coll)}{where}"
         cur = self.conn.execute(sql, args)
         while chunk := cur.fetchmany(FETCH):
             yield from chunk
@@ -79,7 +79,8 @@ def _select_cached(table: str, columns: tuple[str, ...]) -> str:
     return f"SELECT {', '.join(qi(c) for c in columns)} FROM {qi(table)}"
 
 
-def _select(coll: Collection) -> str:
+def select_sql(coll: Collection) -> str:
+    """SELECT of every field of the collection, in catalog order (the row tuples' order)."""
     return _select_cached(coll.name, tuple(f.name for f in coll.fields))
 
 
