@@ -42,10 +42,12 @@ def _assert_ledger_matches_target(pg_url: str, run: dict) -> None:
     source.close()
     with psycopg.connect(pg_url) as conn:
         for t in plan.tables:
-            held = ledger.target_sums(conn, run["staging_schema"], t, run["run_id"])
-            for lo, expected in conn.execute(
-                    "SELECT lo, checksum FROM pbm_meta.batches WHERE run_id = %s AND collection = %s",
-                    (run["run_id"], t.collection.name)):
+            batches = conn.execute(
+                "SELECT lo, checksum FROM pbm_meta.batches WHERE run_id = %s AND collection = %s "
+                'ORDER BY lo COLLATE "C"', (run["run_id"], t.collection.name)).fetchall()
+            held = ledger.target_sums(conn, run["staging_schema"], t, [lo for lo, _ in batches])
+            assert None not in held, f"{t.name}: rows outside every batch"
+            for lo, expected in batches:
                 assert checksum.as_hex(held.get(lo, 0)) == expected, f"{t.name} batch {lo}"
 
 
