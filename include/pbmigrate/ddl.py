@@ -1,7 +1,9 @@
-"""Target DDL: the staging schema and its tables, without indexes or constraints.
+"""Target DDL: the staging schema and its tables, keyed by id but without other indexes or constraints.
 
-Primary keys, unique and secondary indexes and foreign keys come after the load (finalize), which
-is both faster for COPY and the only order that works for PocketBase's self-references and cycles.
+The id primary key is there from the start: a retried batch deletes its id range through it, and
+building it after the load measured no faster (34.0 s against 34.4 s for the 2M-row data group).
+Unique and secondary indexes, junction keys and foreign keys come after the load (finalize): that
+is faster for COPY and the only order that works for PocketBase's self-references and cycles.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ def _constraint_exists(conn: psycopg.Connection, schema: str, name: str) -> bool
 
 
 def add_primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+    """Junction tables' keys (owner, position); a table's id key normally exists since creation
+    (ddl), and is added here only where it does not."""
     s = qi(schema)
     for t in plan.tables:
         name = f"{t.name}_pkey"[:63]
