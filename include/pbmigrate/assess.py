@@ -84,16 +84,18 @@ def dangling_api(source: Source, coll: Collection, catalog: Catalog) -> dict[str
     if not rels:
         return {}
     ids: dict[str, set[str]] = {}
+    checks = []  # (field, its position in the row, the target's id set), worked out once
     for f in rels:
         t = catalog.get(f.target)
         if t.name not in ids:
             ids[t.name] = set(source.ids(t))
+        checks.append((f, coll.fields.index(f), ids[t.name]))
     out: dict[str, dict] = {}
     for row in source.rows(coll):
-        for f in rels:
-            value = row[coll.fields.index(f)]
+        for f, pos, known in checks:
+            value = row[pos]
             refs = json.loads(value) if f.multi and value else ([value] if value else [])
-            if any(r not in ids[catalog.get(f.target).name] for r in refs):
+            if any(r not in known for r in refs):
                 _add(out, f.name, str(row[0]))
     return out
 
