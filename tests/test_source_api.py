@@ -10,8 +10,10 @@ stopped, whose ids put quotes on page boundaries and upper case before lower cas
 from __future__ import annotations
 
 import http.server
+import random
 import socket
 import sqlite3
+import string
 import threading
 import time
 import zipfile
@@ -25,7 +27,7 @@ from pbmigrate.catalog import Collection, Field
 from pbmigrate.errors import SourceError
 from pbmigrate.pbserver import PocketBaseServer
 from pbmigrate.snapshot import take_snapshot
-from pbmigrate.sources.api import SECRETS_WARNING, ApiSource
+from pbmigrate.sources.api import SECRETS_WARNING, ApiSource, _split_points
 from pbmigrate.sources.sqlite import SqliteSource
 
 EMAIL, PASSWORD = "root@example.com", "root-pass-12345"
@@ -233,7 +235,8 @@ def test_range_bounds_match_sqlite(env: Env) -> None:
         for lo, hi in cases:
             expected = list(lite.rows(lbulk, lo, hi))
             assert list(api.rows(bulk, lo, hi)) == _masked(api, bulk, expected), (lo, hi)
-            assert list(api.rows(bulk, lo, hi, ordered=False)) == _masked(api, bulk, expected)
+            unordered = list(api.rows(bulk, lo, hi, ordered=False))  # two cursors at once
+            assert sorted(unordered, key=lambda r: r[0]) == _masked(api, bulk, expected), (lo, hi)
             assert list(api.ids(bulk, lo, hi)) == list(lite.ids(lbulk, lo, hi)), (lo, hi)
     finally:
         api.close()
@@ -391,3 +394,17 @@ def test_a_web_server_that_is_not_pocketbase_is_refused() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_split_points_cut_a_range_of_random_ids_evenly() -> None:
+    rnd = random.Random(3)
+    ids = sorted("".join(rnd.choices(string.ascii_lowercase + string.digits, k=15)) for _ in range(20_000))
+    for lo, hi, parts in [(None, None, 2), (ids[0], ids[-1], 3), (ids[5000], ids[9000], 2)]:
+        cuts = _split_points(lo, hi, parts)
+        assert len(cuts) == parts - 1 and cuts == sorted(cuts)
+        inside = [i for i in ids if (lo is None or i >= lo) and (hi is None or i <= hi)]
+        sizes = [sum(1 for i in inside if a <= i < b) for a, b in zip(["", *cuts], [*cuts, "\uffff"])]
+        assert sum(sizes) == len(inside)
+        assert max(sizes) - min(sizes) < len(inside) * 0.05, sizes  # about equal parts
+    assert _split_points("abc", "abc", 2) == []  # nothing strictly inside: one cursor
+    assert all("B" < c <= "b~" for c in _split_points("B", "b~", 4))  # odd characters: still in range

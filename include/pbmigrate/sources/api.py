@@ -76,20 +76,23 @@ class ApiSource:
     (429, 5xx, refused or dropped connections), with exponential backoff: the default five
     retries wait about 15-23 s in all, enough to ride out a PocketBase restart. `prefetch` asks
     for the next page while the caller consumes the current one, so server and client work
-    overlap on a machine with a core for each.
+    overlap on a machine with a core for each. An unordered read (the loader's) runs `cursors`
+    keyset cursors over disjoint parts of the range at once: PocketBase spends most of a page's
+    time in its own code and uses more than one core for concurrent requests.
     """
 
     kind = "api"
     has_secrets = False
 
     def __init__(self, url: str, email: str, password: str, timeout: float = 30, retries: int = 5,
-                 prefetch: bool = True):
+                 prefetch: bool = True, cursors: int = 2):
         self.url = url.rstrip("/")
         self.email = email
         self._password = password
         self.timeout = timeout
         self.retries = max(0, retries)
         self.prefetch = prefetch
+        self.cursors = max(1, cursors) if prefetch else 1
         self.session = requests.Session()
         self.session.headers["Accept"] = "application/json"
         self.generation: int = 0
@@ -139,11 +142,21 @@ class ApiSource:
 
     def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
              ordered: bool = True) -> Iterator[tuple]:
-        """Rows with ids in [lo, hi], always in id order: `ordered=False` changes nothing here,
-        because offset paging in rowid order (the only faster read) skips rows when records are
-        deleted during the read, and keyset paging is what makes a retry exact."""
+        """Rows with ids in [lo, hi], in id order unless `ordered=False`.
+
+        Unordered, the range is cut at ids between lo and hi and each part is read by its own keyset
+        cursor, concurrently; pages come out as they arrive. Every part is still keyset paged
+        (offset paging would skip rows deleted during the read), so a retry stays exact.
+        """
         convert = self._row_converter(coll, set(self.unexported_fields(coll)))
-        for items in self._pages(coll, lo, hi):
+        cuts = [] if ordered else _split_points(lo, hi, self.cursors)
+        if cuts:  # part k holds ids from its start up to (not including) cuts[k]; the last, up to hi
+            parts = [self._pages(coll, start, None, lambda lit, cut=cut: f"id<{lit(cut)}")
+                     for start, cut in zip([lo, *cuts], cuts)]
+            pages = _interleave([*parts, self._pages(coll, cuts[-1], hi)])
+        else:
+            pages = self._pages(coll, lo, hi)
+        for items in pages:
             yield from map(convert, items)
 
     def rows_since(self, coll: Collection, field: str, since: str) -> Iterator[tuple]:
@@ -600,6 +613,54 @@ def _filter_literal(value: str, backslash_escapes: bool) -> str:
         raise SourceError(f"id {value!r} ends with a backslash, which this PocketBase's filter "
                           "syntax cannot quote")
     return "'" + value.replace("'", "\\'") + "'"
+
+
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"  # PocketBase's default id characters
+_ID_DIGITS = 15  # the length of PocketBase's ids: cuts fall between any two of them
+
+
+def _id_number(rid: str) -> int:
+    """An id's first characters read as a base-36 number (other characters clamped), to spread
+    cut points the way PocketBase's random ids spread."""
+    n = 0
+    for ch in rid[:_ID_DIGITS].ljust(_ID_DIGITS, "0"):
+        i = _ID_ALPHABET.find(ch)
+        n = n * 36 + (i if i >= 0 else 0 if ch < "0" else 35)
+    return n
+
+
+def _split_points(lo: str | None, hi: str | None, parts: int) -> list[str]:
+    """Up to parts-1 ascending ids strictly above lo and at most hi that cut [lo, hi] into parts
+    of about equal row counts for random ids. Any ids at all are covered exactly: the cuts only
+    decide which cursor reads a row, never whether it is read."""
+    a = _id_number(lo) if lo is not None else 0
+    b = _id_number(hi) if hi is not None else 36**_ID_DIGITS - 1
+    cuts: list[str] = []
+    for k in range(1, parts):
+        n, digits = a + (b - a) * k // parts, []
+        for _ in range(_ID_DIGITS):
+            n, r = divmod(n, 36)
+            digits.append(_ID_ALPHABET[r])
+        cut = "".join(reversed(digits))
+        if (lo is None or cut > lo) and (hi is None or cut <= hi) and (not cuts or cut > cuts[-1]):
+            cuts.append(cut)
+    return cuts
+
+
+def _interleave(generators: list[Iterator[list[dict[str, Any]]]]) -> Iterator[list[dict[str, Any]]]:
+    """Pages from several cursors, one from each in turn, as long as any has more."""
+    active = list(generators)
+    try:
+        while active:
+            for gen in list(active):
+                page = next(gen, None)
+                if page is None:
+                    active.remove(gen)
+                else:
+                    yield page
+    finally:
+        for gen in generators:
+            gen.close()
 
 
 def _check_order(items: list[dict[str, Any]], previous: str | None, coll: Collection, url: str) -> None:
