@@ -3,7 +3,9 @@
 Measured here: binary `write_row` with declared types costs about 0.3 us a row against 3.5 us for
 text COPY, and PostgreSQL skips parsing timestamps. Two values arrive in a form psycopg does not
 dump by itself: json fields as validated JSON text (re-serialising would cost a parse and a dump
-per value) and geoPoints as (lon, lat) tuples.
+per value) and geoPoints as (lon, lat) tuples. And psycopg's array dumper is pure Python and
+general (nesting, NULLs, dimensions); lists of strings, which multi selects, files and relations
+all are, get a flat one that costs a fifth as much.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pbmigrate.plan import Table, qi
 
 BINARY_TYPES = frozenset({"text", "bigint", "double precision", "boolean", "timestamptz", "text[]", "jsonb", "point"})
 _point = struct.Struct(">dd").pack
+_length = struct.Struct(">i").pack
+_TEXT_OID = 25
+_EMPTY_TEXT_ARRAY = struct.pack(">iii", 0, 0, _TEXT_OID)  # no dimensions: '{}'
+_one_dimension = struct.Struct(">iiiii").pack  # ndim, has NULLs, element oid, length, lower bound
 
 
 class JsonbTextBinaryDumper(Dumper):
@@ -36,11 +42,25 @@ class PointBinaryDumper(Dumper):
         return _point(obj[0], obj[1])
 
 
+class TextArrayBinaryDumper(Dumper):
+    """text[] from a list of str (converters never put None in one)."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: list[str]) -> bytes:
+        if not obj:
+            return _EMPTY_TEXT_ARRAY
+        items = [item.encode() for item in obj]
+        return _one_dimension(1, 0, _TEXT_OID, len(items), 1) + b"".join(_length(len(b)) + b for b in items)
+
+
 def register(conn: psycopg.Connection) -> None:
-    """Register the two dumpers by oid only: they serve COPY columns declared jsonb or point."""
-    for name, dumper in (("jsonb", JsonbTextBinaryDumper), ("point", PointBinaryDumper)):
-        info = psycopg.adapters.types.get(name)
-        conn.adapters.register_dumper(None, type(f"{dumper.__name__}Oid", (dumper,), {"oid": info.oid}))
+    """Register the dumpers by oid only: they serve COPY columns declared jsonb, point or text[]."""
+    oids = {"jsonb": psycopg.adapters.types.get("jsonb").oid, "point": psycopg.adapters.types.get("point").oid,
+            "text[]": psycopg.adapters.types.get("text").array_oid}
+    for name, dumper in (("jsonb", JsonbTextBinaryDumper), ("point", PointBinaryDumper),
+                         ("text[]", TextArrayBinaryDumper)):
+        conn.adapters.register_dumper(None, type(f"{dumper.__name__}Oid", (dumper,), {"oid": oids[name]}))
 
 
 def copy_sql(schema: str, table: Table, binary: bool) -> str:
