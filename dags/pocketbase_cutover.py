@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from pbm_airflow import default_args, postgres_url, redis_url
 
@@ -46,9 +47,13 @@ def pocketbase_cutover():
     @task
     def apply() -> dict:
         from pbmigrate import cutover
+        from pbmigrate.errors import Refused
 
         p = get_current_context()["params"]
-        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
+        try:
+            return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
+        except Refused as exc:  # nothing to cut over: a retry would refuse again
+            raise AirflowFailException(str(exc)) from exc
 
     apply()
 

@@ -233,3 +233,9 @@ def test_dag_manual_cutover_then_cutover_dag_rollback_restores_previous_live(
     conf = {"action": "rollback", "target_schema": "live"}
     assert _dag(run_dag, "pocketbase_cutover", conf, fresh_pg_url, redis_url).state == "success"
     assert schema_oid(fresh_pg_url, "live") == first_oid and flag(redis_url) == "pocketbase"
+
+    # Nothing waits in staging now: the cut-over refuses, and fails at once instead of retrying.
+    dr = _dag(run_dag, "pocketbase_cutover", {"action": "cutover", "target_schema": "live"}, fresh_pg_url, redis_url)
+    (apply,) = dr.get_task_instances()
+    assert dr.state == "failed" and apply.state == "failed"
+    assert apply.try_number == 1 and apply.max_tries >= 1  # retries were allowed, and not used

@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 
 from pbmigrate import metrics, report
 from pbmigrate.ddl import previous_schema, staging_schema
-from pbmigrate.errors import PbmError
+from pbmigrate.errors import PbmError, Refused
 from pbmigrate.plan import qi
 
 log = logging.getLogger("pbmigrate")
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS pbm_meta.flags (
 _DDL_LOCK = 0x70626D63  # "pbmc"
 
 
-class PromotionRefused(PbmError):
+class PromotionRefused(Refused):
     """The gate refused the run; staging was rolled back and the run must end failed."""
 
 
@@ -519,7 +519,7 @@ def run_action(action: str, target_schema: str, pg_url: str, redis_url: str | No
     if action == "cutover":
         if run is None or latest[1] not in ("ready", "validated"):
             found = f"run {latest[0]} is {latest[1]}" if latest else "there is no run"
-            raise PbmError(f"nothing to cut over for {target_schema}: {found}; a run must pass the gate and wait "
+            raise Refused(f"nothing to cut over for {target_schema}: {found}; a run must pass the gate and wait "
                            "in staging (migration param cutover=manual) first")
         if redis_url is None:
             raise PbmError("a cut-over sets the Redis flag: a Redis URL is needed")

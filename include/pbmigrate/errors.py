@@ -19,5 +19,10 @@ class MappingError(PbmError):
     """The mapping file names something that does not exist or is malformed."""
 
 
+class Refused(PbmError):
+    """A request that cannot be met as things stand (nothing to cut over, a gate said no): the same
+    call would refuse again, so a task should fail at once instead of retrying."""
+
+
 class TargetError(PbmError):
     """PostgreSQL or Redis is missing, unreachable or lacks a privilege."""

@@ -43,7 +43,7 @@ from psycopg import errors as pgerrors
 from pbmigrate import checksum, ledger, meta, metrics, pgcopy
 from pbmigrate.convert import Reject, multi, parse_datetime
 from pbmigrate.cutover import cut_over_in_effect
-from pbmigrate.errors import PbmError
+from pbmigrate.errors import PbmError, Refused
 from pbmigrate.guard import TargetBusy, target_lock  # noqa: F401 - part of this module's API
 from pbmigrate.load import _reject_all
 from pbmigrate.mapping import load_mapping
@@ -89,7 +89,7 @@ ALTER TABLE pbm_meta.watermarks ADD COLUMN IF NOT EXISTS run_id text;
 """
 
 
-class ResyncRefused(PbmError):
+class ResyncRefused(Refused):
     """The re-sync must not run against this target now (cut over, nothing loaded, params differ)."""
 
 
