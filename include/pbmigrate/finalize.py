@@ -4,17 +4,24 @@ SQLite never enforced what PocketBase's relations promise, so dangling ids and d
 case-insensitive unique indexes do occur. Each one is decided here by the `orphans` policy and
 recorded (pbm_meta.rejects or pbm_meta.orphans) before the constraint that would refuse it is
 built: nothing is dropped silently, and the constraints end up VALID. Every step is idempotent.
+
+Work that decides nothing (statistics, the junctions' keys, plain indexes, unique indexes that
+hold) is done first over two connections, so PostgreSQL builds on both cores; every decision
+(rejecting duplicates and orphans, the foreign keys) then happens in one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pbmigrate import ledger
 from pbmigrate.plan import Junction, Plan, Table, qi
@@ -22,6 +29,8 @@ from pbmigrate.plan import Junction, Plan, Table, qi
 log = logging.getLogger(__name__)
 ORPHAN_MODES = ("reject", "null")
 EXAMPLES = 5
+WORKERS = 2  # connections building at once in the first phase
+SESSION = ("SET maintenance_work_mem = '512MB'", "SET work_mem = '256MB'")  # sort and hash in memory
 
 
 @dataclass
@@ -55,16 +64,57 @@ def _constraint_exists(conn: psycopg.Connection, schema: str, name: str) -> bool
 def add_primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
     """Junction tables' keys (owner, position); a table's id key normally exists since creation
     (ddl), and is added here only where it does not."""
-    s = qi(schema)
+    for sql in _primary_keys(conn, schema, plan):
+        conn.execute(sql)
+
+
+def _primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> list[str]:
+    s, out = qi(schema), []
     for t in plan.tables:
         name = f"{t.name}_pkey"[:63]
         if not _constraint_exists(conn, schema, name):
-            conn.execute(f"ALTER TABLE {s}.{qi(t.name)} ADD CONSTRAINT {qi(name)} PRIMARY KEY (id)")
+            out.append(f"ALTER TABLE {s}.{qi(t.name)} ADD CONSTRAINT {qi(name)} PRIMARY KEY (id)")
         for j in t.junctions:
             jname = f"{j.table}_pkey"[:63]
             if not _constraint_exists(conn, schema, jname):
-                conn.execute(f"ALTER TABLE {s}.{qi(j.table)} ADD CONSTRAINT {qi(jname)} "
-                             f"PRIMARY KEY ({qi(j.owner)}, position)")
+                out.append(f"ALTER TABLE {s}.{qi(j.table)} ADD CONSTRAINT {qi(jname)} "
+                           f"PRIMARY KEY ({qi(j.owner)}, position)")
+    return out
+
+
+def prebuild(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+    """Statistics, junction keys and every index, over WORKERS connections of their own, each
+    statement committed alone: none of it decides anything, and all of it is idempotent. A unique
+    index that meets a duplicate is left for `create_unique_indexes`, which decides."""
+    s = qi(schema)
+    work = [f"ANALYZE {s}.{qi(name)}" for t in plan.tables for name in (t.name, *(j.table for j in t.junctions))]
+    work += _primary_keys(conn, schema, plan) + _plain_indexes(schema, plan)
+    work += [i.sql.replace("{schema}", s) for t in plan.tables for i in t.indexes if i.unique]
+    queue, lock, errors = iter(work), threading.Lock(), []
+    conninfo = make_conninfo(conn.info.dsn, password=conn.info.password)
+
+    def worker() -> None:
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as own:
+                for sql in SESSION:
+                    own.execute(sql)
+                while True:
+                    with lock:
+                        sql = next(queue, None)
+                    if sql is None:
+                        return
+                    with contextlib.suppress(psycopg.errors.UniqueViolation):  # decided later, with its reject
+                        own.execute(sql)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, name=f"pbm-finalize-{i}") for i in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str, select_ids: str,
@@ -209,23 +259,28 @@ def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Juncti
 
 
 def create_indexes(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
-    s = qi(schema)
+    for sql in _plain_indexes(schema, plan):
+        conn.execute(sql)
+        report.indexes += 1
+
+
+def _plain_indexes(schema: str, plan: Plan) -> list[str]:
+    """The non-unique indexes: PocketBase's own, each junction's target, each foreign key column."""
+    s, out = qi(schema), []
     for t in plan.tables:
-        for idx in (i for i in t.indexes if not i.unique):
-            conn.execute(idx.sql.replace("{schema}", s))
-            report.indexes += 1
+        out += [idx.sql.replace("{schema}", s) for idx in t.indexes if not idx.unique]
         for j in t.junctions:
             name = f"{j.table}_{j.target}_idx"[:63]
-            conn.execute(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(j.table)} ({qi(j.target)})")
-            report.indexes += 1
+            out.append(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(j.table)} ({qi(j.target)})")
         for fk in t.foreign_keys:
             name = f"{t.name}_{fk.column}_fk_idx"[:63]
-            conn.execute(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(t.name)} ({qi(fk.column)})")
-            report.indexes += 1
+            out.append(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(t.name)} ({qi(fk.column)})")
+    return out
 
 
 def add_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
-    """NOT VALID first (no long lock), then VALIDATE; DEFERRABLE for self-references and cycles."""
+    """NOT VALID first (no long lock), then VALIDATE; DEFERRABLE for self-references and cycles.
+    A dangling id makes VALIDATE fail with ForeignKeyViolation."""
     s = qi(schema)
     pending = []
     for t in plan.tables:
@@ -269,28 +324,37 @@ def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orp
     report = FinalizeReport()
     # A re-run finds nothing new (rejected rows are gone, nulled values are NULL), so the
     # rejects and orphan counts of an earlier committed finalize stay as they are.
+    if orphans not in ORPHAN_MODES:
+        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
+    with report.timed("prebuild"):  # statistics first, or the anti-joins' plans are guesses
+        prebuild(conn, schema, plan)
     with conn.transaction():
-        # Index builds and anti-joins over millions of rows: sort and hash in memory.
-        conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
-        conn.execute("SET LOCAL work_mem = '256MB'")
+        for sql in SESSION:
+            conn.execute(sql.replace("SET ", "SET LOCAL ", 1))
         with report.timed("primary_keys"):
             add_primary_keys(conn, schema, plan)
-        with report.timed("analyze"):  # statistics before the anti-joins, or their plans are guesses
-            _analyze(conn, schema, plan)
         with report.timed("unique_indexes"):
             create_unique_indexes(conn, schema, plan, run_id, report)
-        with report.timed("orphans"):
-            resolve_orphans(conn, schema, plan, run_id, orphans)
-        _read_back(conn, run_id, report)
         with report.timed("indexes"):
             create_indexes(conn, schema, plan, report)
         with report.timed("foreign_keys"):
-            add_foreign_keys(conn, schema, plan, report)
+            _foreign_keys_then_orphans(conn, schema, plan, run_id, orphans, report)
+        _read_back(conn, run_id, report)
         create_views(conn, schema, plan, report)
     return report.as_dict()
 
 
-def _analyze(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
-    for t in plan.tables:
-        for name in (t.name, *(j.table for j in t.junctions)):
-            conn.execute(f"ANALYZE {qi(schema)}.{qi(name)}")
+def _foreign_keys_then_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orphans: str,
+                               report: FinalizeReport) -> None:
+    """Optimistic, like the unique indexes: validating the foreign keys is the orphan check. Only
+    when one fails are they all undone (before any ON DELETE action could fire), the orphans
+    resolved by policy, and the keys added again."""
+    try:
+        with conn.transaction():
+            add_foreign_keys(conn, schema, plan, report)
+        return
+    except psycopg.errors.ForeignKeyViolation:
+        report.foreign_keys = 0
+    with report.timed("orphans"):
+        resolve_orphans(conn, schema, plan, run_id, orphans)
+    add_foreign_keys(conn, schema, plan, report)
