@@ -30,7 +30,10 @@ def _migrate(pg_url: str, pb_data: Path, target: str, orphans: str) -> dict:
                                  collections=[], orphans=orphans)
     run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"test-{target}")
     pipeline.create_schema(run, pg_url)
-    for batch in pipeline.plan_batches(run):
+    batches = pipeline.plan_batches(run)
+    sizes = [b["rows"] for b in batches]
+    assert sizes == sorted(sizes, reverse=True) and 1 in sizes  # largest first, for the scheduler
+    for batch in batches:
         pipeline.run_batch(run, batch, pg_url)
     run["finalize"] = pipeline.finalize_run(run, pg_url)
     return run

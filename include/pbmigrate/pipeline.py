@@ -140,7 +140,9 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
 def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None) -> list[dict]:
     """Id ranges of `batch_size` rows per collection, with a readable label for the UI.
 
-    `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
+    Largest first: schedulers start mapped tasks in map index order, and starting the long ones
+    first keeps every slot busy to the end. `max_batches` is Airflow's max_map_length: more mapped
+    tasks than that cannot be expanded."""
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -160,6 +162,7 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
         needed = size * (len(batches) // max_batches + 1)
         raise ValueError(f"{len(batches)} batches exceed Airflow's max_map_length ({max_batches}); "
                          f"set batch_size to {needed} or more (it is {size})")
+    batches.sort(key=lambda b: -b["rows"])  # stable: equal sizes keep the plan's order
     return batches
 
 
