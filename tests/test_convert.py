@@ -96,6 +96,8 @@ def test_multi_values_keep_order_and_check_select_values():
         c('["a","z"]')
     with pytest.raises(Reject, match="not a JSON array"):
         c("[1,")
+    with pytest.raises(Reject, match="not UTF-8"):  # a BLOB in the column: a reject, not a crash
+        c(b"\xff[]")
 
 
 def test_multi_relation_ids_parse_exactly_whatever_the_json_spelling():

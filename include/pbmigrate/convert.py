@@ -203,7 +203,10 @@ def multi(f: Field) -> Converter:
             if required:
                 raise Reject(name, f"required {f.type} is empty")
             return []
-        raw = _as_text(v)
+        try:
+            raw = _as_text(v)
+        except UnicodeDecodeError:
+            raise Reject(name, "bytes that are not UTF-8 text") from None
         try:
             items = _string_list(raw)
         except ValueError:
