@@ -22,9 +22,9 @@ from typing import Any
 MOD = 2**64
 SEP = "\x1f"
 NULL = "\\N"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_US = timedelta(microseconds=1)
-_pack = struct.Struct(">d").pack
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MICROSECOND = timedelta(microseconds=1)
+pack_float8 = struct.Struct(">d").pack
 
 
 def _text(v: Any) -> str:
@@ -36,7 +36,7 @@ def _bigint(v: Any) -> str:
 
 
 def _float8(v: Any) -> str:
-    return _pack(v).hex()
+    return pack_float8(v).hex()
 
 
 def _bool(v: Any) -> str:
@@ -44,7 +44,7 @@ def _bool(v: Any) -> str:
 
 
 def _timestamptz(v: Any) -> str:
-    return NULL if v is None else str((v - _EPOCH) // _US)
+    return NULL if v is None else str((v - EPOCH) // MICROSECOND)
 
 
 def _text_array(v: Any) -> str:
@@ -54,7 +54,7 @@ def _text_array(v: Any) -> str:
 
 
 def _point(v: Any) -> str:
-    return _pack(v[0]).hex() + _pack(v[1]).hex()
+    return pack_float8(v[0]).hex() + pack_float8(v[1]).hex()
 
 
 def _jsonb(v: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from pbmigrate import checksum, pgcopy
+from pbmigrate import checksum, fused, pgcopy
 from pbmigrate.convert import Reject, multi
 from pbmigrate.plan import Table, qi
 from pbmigrate.sources import Source
@@ -129,10 +129,9 @@ def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: s
                has_secrets: bool, spools: dict) -> tuple[int, int, int, int, list]:
     """The hot loop: convert, COPY, checksum; junction rows go to their spools as COPY text."""
     convs = table.converters(has_secrets)
-    pairs = list(zip(convs, [c.position for c in table.columns]))
-    canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
+    convert = fused.row_function(table, has_secrets)
     junctions = [(j, multi(j.field), spools[j.table]) for j in table.junctions]
-    digest, row_canon, jdigest = checksum.digest, checksum.row_canon, checksum.junction_digest
+    digest, jdigest = checksum.digest, checksum.junction_digest
     binary = pgcopy.can_use_binary(table)
     if binary:
         pgcopy.register(conn)
@@ -144,14 +143,14 @@ def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: s
         for row in source.rows(table.collection, lo, hi, ordered=False):
             read += 1
             try:
-                out = [conv(row[pos]) for conv, pos in pairs]
+                out, canon = convert(row)
                 jrows = [(j, m(row[j.position]), spool) for j, m, spool in junctions]
             except Reject:
                 rejects.extend((str(row[0]), f, r) for f, r in _reject_all(row, table, convs))
                 continue
             copy.write_row(out)
             loaded += 1
-            total += digest(row_canon(canons, out))
+            total += digest(canon)
             owner = out[0]
             for j, ids, spool in jrows:
                 if ids:
