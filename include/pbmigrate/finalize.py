@@ -320,12 +320,13 @@ def _read_back(conn: psycopg.Connection, run_id: str, report: FinalizeReport) ->
 
 
 def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orphans: str = "reject") -> dict:
-    """Everything after the load, in one transaction: either all of it holds or none of it does."""
+    """Everything after the load: `prebuild`, then every decision in one transaction (all of it holds
+    or none of it does)."""
+    if orphans not in ORPHAN_MODES:
+        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     report = FinalizeReport()
     # A re-run finds nothing new (rejected rows are gone, nulled values are NULL), so the
     # rejects and orphan counts of an earlier committed finalize stay as they are.
-    if orphans not in ORPHAN_MODES:
-        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     with report.timed("prebuild"):  # statistics first, or the anti-joins' plans are guesses
         prebuild(conn, schema, plan)
     with conn.transaction():

@@ -35,10 +35,11 @@ def _fast(col: Column, i: int) -> tuple[list[str], str] | None:
                 f"    v{i} = fromiso(x) if type(x) is str and len(x) == 24 and x[-1] == 'Z' else c{i}(x)",
                 "except ValueError:",
                 f"    v{i} = c{i}(x)"], f"NULL if v{i} is None else str((v{i} - EPOCH) // US)"
-    if col.type == "double precision" and f.type == "number":
+    # A mapping may override a column's type, so each fast path also checks the field it expects.
+    if col.type == "double precision" and f.type == "number" and not f.only_int:
         return [f"v{i} = r[{p}]", f"if type(v{i}) is not float or v{i} != v{i}: v{i} = c{i}(v{i})"], \
             f"pack(v{i}).hex()"
-    if col.type == "bigint" and f.type == "number":
+    if col.type == "bigint" and f.type == "number" and f.only_int:
         return [f"v{i} = r[{p}]", f"if type(v{i}) is not int or not {INT64_MIN} <= v{i} <= {INT64_MAX}: "
                                   f"v{i} = c{i}(v{i})"], f"str(v{i})"
     if col.type == "boolean" and f.type == "bool":

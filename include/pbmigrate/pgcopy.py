@@ -5,7 +5,7 @@ text COPY, and PostgreSQL skips parsing timestamps. Two values arrive in a form 
 dump by itself: json fields as validated JSON text (re-serialising would cost a parse and a dump
 per value) and geoPoints as (lon, lat) tuples. And psycopg's array dumper is pure Python and
 general (nesting, NULLs, dimensions); lists of strings, which multi selects, files and relations
-all are, get a flat one that costs a fifth as much.
+all are, get a flat one (1.4 against 1.8 us for two ids here).
 """
 
 from __future__ import annotations

@@ -620,8 +620,8 @@ _ID_DIGITS = 15  # the length of PocketBase's ids: cuts fall between any two of 
 
 
 def _id_number(rid: str) -> int:
-    """An id's first characters read as a base-36 number (other characters clamped), to spread
-    cut points the way PocketBase's random ids spread."""
+    """An id read as a base-36 number (other characters clamped), to spread cut points the way
+    PocketBase's random ids spread."""
     n = 0
     for ch in rid[:_ID_DIGITS].ljust(_ID_DIGITS, "0"):
         i = _ID_ALPHABET.find(ch)
