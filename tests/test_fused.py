@@ -43,7 +43,7 @@ def test_row_functions_agree_with_the_converters_on_real_and_hostile_rows(fixtur
     plan = build_plan(source.catalog(), load_mapping(""), collections=None)
     compared = fast_columns = 0
     for table in plan.tables:
-        generic, generated = _generic(table), fused.row_function(table)
+        generic, generated = _generic(table), fused.row_function(table, table.converters())
         fast_columns += fused.source(table).count("\n    if ") + fused.source(table).count("try:")
         rows = list(source.rows(table.collection))
         assert rows, table.name

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pbmigrate import checksum
-from pbmigrate.convert import INT64_MAX, INT64_MIN
+from pbmigrate.convert import INT64_MAX, INT64_MIN, Converter
 from pbmigrate.plan import Column, Table
 
 RowFunction = Callable[[tuple], tuple[list[Any], str]]
@@ -49,7 +49,7 @@ def _fast(col: Column, i: int) -> tuple[list[str], str] | None:
 
 
 def source(table: Table) -> str:
-    """The Python source of `row_function(table)`: readable, for a person checking it."""
+    """The Python source of `row_function`: readable, for a person checking it."""
     lines, canon = ["def row(r):"], []
     for i, col in enumerate(table.columns):
         fast = _fast(col, i)
@@ -64,11 +64,12 @@ def source(table: Table) -> str:
     return "\n".join(lines)
 
 
-def row_function(table: Table, has_secrets: bool = True) -> RowFunction:
-    """row tuple -> (values to COPY, canonical text for the checksum); raises convert.Reject."""
+def row_function(table: Table, converters: list[Converter]) -> RowFunction:
+    """row tuple -> (values to COPY, canonical text for the checksum); raises convert.Reject.
+    `converters` are `table.converters(...)`, the same the caller reports rejects with."""
     env: dict[str, Any] = {"fromiso": datetime.fromisoformat, "SEP": checksum.SEP, "NULL": checksum.NULL,
                            "pack": checksum.pack_float8, "EPOCH": checksum.EPOCH, "US": checksum.MICROSECOND}
-    for i, (col, conv) in enumerate(zip(table.columns, table.converters(has_secrets))):
+    for i, (col, conv) in enumerate(zip(table.columns, converters)):
         env[f"c{i}"] = conv
         env[f"k{i}"] = checksum.PY_CANON[checksum.canon_key(col.type)]
     # Only positions and constants enter the source, never a name or value from the data.

@@ -129,7 +129,7 @@ def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: s
                has_secrets: bool, spools: dict) -> tuple[int, int, int, int, list]:
     """The hot loop: convert, COPY, checksum; junction rows go to their spools as COPY text."""
     convs = table.converters(has_secrets)
-    convert = fused.row_function(table, has_secrets)
+    convert = fused.row_function(table, convs)
     junctions = [(j, multi(j.field), spools[j.table]) for j in table.junctions]
     digest, jdigest = checksum.digest, checksum.junction_digest
     binary = pgcopy.can_use_binary(table)
