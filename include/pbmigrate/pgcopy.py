@@ -56,11 +56,10 @@ class TextArrayBinaryDumper(Dumper):
 
 def register(conn: psycopg.Connection) -> None:
     """Register the dumpers by oid only: they serve COPY columns declared jsonb, point or text[]."""
-    oids = {"jsonb": psycopg.adapters.types.get("jsonb").oid, "point": psycopg.adapters.types.get("point").oid,
-            "text[]": psycopg.adapters.types.get("text").array_oid}
-    for name, dumper in (("jsonb", JsonbTextBinaryDumper), ("point", PointBinaryDumper),
-                         ("text[]", TextArrayBinaryDumper)):
-        conn.adapters.register_dumper(None, type(f"{dumper.__name__}Oid", (dumper,), {"oid": oids[name]}))
+    types = psycopg.adapters.types
+    for dumper, oid in ((JsonbTextBinaryDumper, types.get("jsonb").oid), (PointBinaryDumper, types.get("point").oid),
+                        (TextArrayBinaryDumper, types.get("text").array_oid)):
+        conn.adapters.register_dumper(None, type(f"{dumper.__name__}Oid", (dumper,), {"oid": oid}))
 
 
 def copy_sql(schema: str, table: Table, binary: bool) -> str:
