@@ -21,7 +21,7 @@ HOSTILE = [
 
 def _generic(table: Table):
     convs = table.converters()
-    canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
+    canons = [checksum.PY_CANON[c.canon] for c in table.columns]
 
     def row_fn(row: tuple) -> tuple[list, str]:
         out = [conv(row[c.position]) for conv, c in zip(convs, table.columns)]

@@ -75,7 +75,7 @@ PY_CANON: dict[str, Callable[[Any], str]] = {
     "text[]": _text_array,
     "jsonb": _jsonb,
     "point": _point,
-    "other": _other,  # mapping type overrides: compared as text
+    "other": _other,  # a type with no canonical form of its own and no natural type to fall back on
 }
 
 _NULLSAFE = "coalesce({e}, '\\N')"
@@ -92,8 +92,25 @@ SQL_CANON: dict[str, str] = {
 }
 
 
-def canon_key(pg_type: str) -> str:
-    return pg_type if pg_type in PY_CANON else "other"
+def canon_key(pg_type: str, natural: str | None = None) -> str:
+    """The canonical form a column is hashed in: its own type's; for a mapping type override that
+    has none (numeric, uuid, inet, citext...), that of `natural`, the type its PocketBase field
+    would have had. The loader's values are of the natural type, and validation casts the column
+    back to it (`sql_value`), so both sides agree exactly where the override kept the value."""
+    if pg_type in PY_CANON:
+        return pg_type
+    return natural if natural in PY_CANON else "other"
+
+
+def sql_value(expr: str, pg_type: str, key: str) -> str:
+    """A column expression as canonical form `key` (from `canon_key`) reads it: cast back to the
+    natural type; text through the type's output function (`concat`: a cast to text gives
+    '10.0.0.1/32' for the inet '10.0.0.1')."""
+    if key in (pg_type, "other"):
+        return expr
+    if key == "text":
+        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE concat({expr}) END"
+    return f"({expr})::{key}"
 
 
 def digest(canonical: str) -> int:

@@ -25,7 +25,7 @@ TEXT_FIELDS = frozenset({"text", "editor", "email", "url"})  # converted by conv
 def _fast(col: Column, i: int) -> tuple[list[str], str] | None:
     """(statements setting v{i} from r, canonical expression) for a column with a fast path."""
     f, p = col.field, col.position
-    if checksum.canon_key(col.type) != col.type or f.secret:
+    if col.canon != col.type or f.secret:
         return None
     if col.type == "text" and f.type in TEXT_FIELDS:
         return [f"v{i} = r[{p}]", f"if type(v{i}) is not str or '\\x00' in v{i}: v{i} = c{i}(v{i})"], f"v{i}"
@@ -71,7 +71,7 @@ def row_function(table: Table, converters: list[Converter]) -> RowFunction:
                            "pack": checksum.pack_float8, "EPOCH": checksum.EPOCH, "US": checksum.MICROSECOND}
     for i, (col, conv) in enumerate(zip(table.columns, converters)):
         env[f"c{i}"] = conv
-        env[f"k{i}"] = checksum.PY_CANON[checksum.canon_key(col.type)]
+        env[f"k{i}"] = checksum.PY_CANON[col.canon]
     # Only positions and constants enter the source, never a name or value from the data.
     exec(compile(source(table), f"<pbmigrate row function of {table.name}>", "exec"), env)
     return env["row"]

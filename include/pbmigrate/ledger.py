@@ -18,7 +18,7 @@ _IN_BATCH = ('JOIN pbm_meta.batches b ON b.run_id = %s AND b.collection = %s '
 
 
 def row_digest_sql(table: Table, alias: str = "x") -> str:
-    cols = [(f"{alias}.{qi(c.name)}", checksum.canon_key(c.type)) for c in table.columns]
+    cols = [(checksum.sql_value(f"{alias}.{qi(c.name)}", c.type, c.canon), c.canon) for c in table.columns]
     return checksum.sql_row_digest(cols)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pbmigrate import checksum
 from pbmigrate.catalog import Catalog, Collection, Field
 from pbmigrate.convert import Converter, converter_for
 from pbmigrate.errors import MappingError
@@ -51,6 +52,11 @@ class Column:
     default: str | None
     check: str | None
     position: int  # index of the field in the source row tuple
+
+    @property
+    def canon(self) -> str:
+        """The checksum's canonical form for this column (`checksum.canon_key`)."""
+        return checksum.canon_key(self.type, pg_type(self.field))
 
     @property
     def ddl(self) -> str:

@@ -13,6 +13,7 @@ variable, so no file ever holds the connection's password.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -204,6 +205,55 @@ def sqlalchemy_url(pg_url: str, schema: str | None = None) -> str:
                       database=p.get("dbname"), query=query).render_as_string(hide_password=False)
 
 
+def column_types(pg_url: str, schema: str) -> set[str]:
+    """The type names (as `format_type` prints them, without array brackets) of every column in
+    `schema`: what SQLAlchemy will meet when GX reflects the tables."""
+    sql = ("SELECT DISTINCT regexp_replace(format_type(a.atttypid, NULL), '(\\[\\])+$', '') "
+           "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+           "JOIN pg_namespace n ON n.oid = c.relnamespace "
+           "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p') AND a.attnum > 0 AND NOT a.attisdropped")
+    with psycopg.connect(pg_url) as conn:
+        return {name for (name,) in conn.execute(sql, (schema,))}
+
+
+def teach_types(dialect: Any, type_names: set[str]) -> list[str]:
+    """Give this engine's dialect a type for every column type SQLAlchemy does not know.
+
+    GX reflects each table and compiles every column's type (`table.column_types`); a type
+    SQLAlchemy cannot name (`point`, an extension's `citext`, a domain) reflects as NullType, which
+    does not compile, and then every check of that table fails for a reason that has nothing to
+    do with the data. The types taught here compile to their PostgreSQL name and are only ever
+    read back, never used to write. The dialect instance gets its own copy of the lookup, so no
+    other engine in the process changes. Returns the names it added."""
+    known = dict(dialect.ischema_names)
+    added = sorted(n for n in type_names if n.lower() not in known)
+    base = _named_type_base()
+    for name in added:
+        ident = "".join(ch if ch.isalnum() else "_" for ch in name)
+        known[name.lower()] = type(f"PG_{ident}", (base,), {"pg_name": name, "cache_ok": True})
+    dialect.ischema_names = known
+    return added
+
+
+@functools.cache
+def _named_type_base() -> type:
+    from sqlalchemy.types import UserDefinedType
+
+    class NamedType(UserDefinedType):
+        """A PostgreSQL type known by name only (reflection passes arguments it does not need)."""
+
+        pg_name = "unknown"
+        cache_ok = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def get_col_spec(self, **kw: Any) -> str:
+            return self.pg_name
+
+    return NamedType
+
+
 def _gx_context(docs_dir: Path) -> Any:
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
@@ -276,6 +326,9 @@ def run_checkpoints(pg_url: str, schema: str, specs: dict[str, list[Spec]], run_
     try:
         ctx = _gx_context(docs_dir)
         ds = ctx.data_sources.add_postgres("pbmigrate", connection_string="${" + GX_URL_ENV + "}")
+        unknown = column_types(pg_url, schema)
+        for engine in (ds.get_engine(), ds.get_execution_engine().engine):  # the asset's, the checks'
+            teach_types(engine.dialect, unknown)
         by_name = {}
         for tname, table_specs_ in specs.items():
             table_started = time.monotonic()

@@ -354,7 +354,7 @@ class _TableSync:
         self.t = f"{self.s}.{qi(table.name)}"
         self.name = table.collection.name
         self.convs = table.converters(run.has_secrets)
-        self.canons = [checksum.PY_CANON[checksum.canon_key(c.type)] for c in table.columns]
+        self.canons = [checksum.PY_CANON[c.canon] for c in table.columns]
         self.jconvs = [multi(j.field) for j in table.junctions]
         self.pairs = list(zip(self.convs, [c.position for c in table.columns]))
         self.id_pos = next(c.position for c in table.columns if c.field.name == "id")
