@@ -20,9 +20,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
 
-from pbm_airflow import default_args, postgres_url, redis_url
+from pbm_airflow import default_args, fail_fast, postgres_url, redis_url
 
 
 @dag(
@@ -45,15 +44,12 @@ from pbm_airflow import default_args, postgres_url, redis_url
 )
 def pocketbase_cutover():
     @task
+    @fail_fast
     def apply() -> dict:
         from pbmigrate import cutover
-        from pbmigrate.errors import Refused
 
-        p = get_current_context()["params"]
-        try:
-            return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
-        except Refused as exc:  # nothing to cut over: a retry would refuse again
-            raise AirflowFailException(str(exc)) from exc
+        p = get_current_context()["params"]  # nothing to cut over is a refusal: fail_fast, no retry
+        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
 
     apply()
 

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
 
-from pbm_airflow import default_args, pocketbase_api, postgres_url, redis_url, source_params
+from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, redis_url, source_params
 
 
 @dag(
@@ -54,6 +54,7 @@ def pocketbase_migration():
     @task_group(group_id="prepare")
     def prepare(mode):
         @task
+        @fail_fast
         def snapshot() -> dict:
             from pbmigrate import pipeline
 
@@ -67,6 +68,7 @@ def pocketbase_migration():
                                     api=pocketbase_api())
 
         @task
+        @fail_fast
         def assess(run: dict) -> dict:
             from pbmigrate import assess
 
@@ -80,6 +82,7 @@ def pocketbase_migration():
     @task_group(group_id="schema")
     def schema(run: dict):
         @task
+        @fail_fast
         def create_tables(run: dict) -> list[str]:
             from pbmigrate import pipeline
 
@@ -90,12 +93,14 @@ def pocketbase_migration():
     @task_group(group_id="data")
     def data(run: dict, tables: list[str]):
         @task
+        @fail_fast
         def plan_batches(run: dict) -> list[dict]:
             from pbmigrate import pipeline
 
             return pipeline.plan_batches(run, api=pocketbase_api(), max_batches=conf.getint("core", "max_map_length"))
 
         @task(map_index_template="{{ batch_label }}", max_active_tis_per_dagrun=8)
+        @fail_fast
         def load(run: dict, batch: dict) -> dict:
             from pbmigrate import pipeline
 
@@ -103,6 +108,7 @@ def pocketbase_migration():
             return pipeline.run_batch(run, batch, postgres_url(), api=pocketbase_api())
 
         @task
+        @fail_fast
         def finalize(run: dict) -> dict:
             from pbmigrate import pipeline
 
@@ -118,6 +124,7 @@ def pocketbase_migration():
     @task_group(group_id="cache")
     def cache(run: dict):
         @task(map_index_template="{{ section }}")
+        @fail_fast
         def warm(run: dict, section: str) -> dict:
             from pbmigrate.warmup import warm_run
 
@@ -127,10 +134,12 @@ def pocketbase_migration():
         return warm.partial(run=run).expand(section=["profiles", "leaderboards", "game_state"])
 
     @task.branch
+    @fail_fast
     def choose_mode() -> str:
         return "final_sync" if get_current_context()["params"]["mode"] == "final" else "prepare.snapshot"
 
     @task
+    @fail_fast
     def final_sync() -> dict:
         from pbmigrate import sync
 
@@ -143,6 +152,7 @@ def pocketbase_migration():
         )
 
     @task(trigger_rule="none_failed_min_one_success")
+    @fail_fast
     def loaded_run(full: dict | None, final: dict | None) -> dict:
         """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot)."""
         return final or full
@@ -150,12 +160,14 @@ def pocketbase_migration():
     @task_group(group_id="validate")
     def validate(run: dict):
         @task
+        @fail_fast
         def checks(run: dict) -> dict:
             from pbmigrate import quality
 
             return quality.validate_run(run, postgres_url(), api=pocketbase_api())
 
         @task
+        @fail_fast
         def gate(run: dict) -> dict:
             from pbmigrate import cutover
 
@@ -167,6 +179,7 @@ def pocketbase_migration():
         return verdict
 
     @task.branch
+    @fail_fast
     def decide(verdict: dict) -> str:
         """A passed gate warms the cache (a failed warm-up then blocks promotion); a refused one rolls back."""
         from pbmigrate import cutover
@@ -174,6 +187,7 @@ def pocketbase_migration():
         return cutover.decide(verdict, "auto", cut_over="cache.warm")
 
     @task.branch
+    @fail_fast
     def promote(verdict: dict) -> str:
         """cutover=auto: cut over now; manual: hold, validated and warm, for the pocketbase_cutover DAG."""
         from pbmigrate import cutover
@@ -181,18 +195,21 @@ def pocketbase_migration():
         return cutover.decide(verdict, get_current_context()["params"]["cutover"])
 
     @task
+    @fail_fast
     def cut_over(run: dict) -> dict:
         from pbmigrate import cutover
 
         return cutover.cut_over_run(run, postgres_url(), redis_url())
 
     @task
+    @fail_fast
     def hold(run: dict) -> dict:
         from pbmigrate import cutover
 
         return cutover.hold_run(run, postgres_url())
 
     @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
+    @fail_fast
     def roll_back(run: dict, verdict: dict) -> None:
         from pbmigrate import cutover
 

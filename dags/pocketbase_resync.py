@@ -21,7 +21,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pbm_airflow import default_args, pocketbase_api, postgres_url, source_params
+from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, source_params
 
 
 @dag(
@@ -47,6 +47,7 @@ from pbm_airflow import default_args, pocketbase_api, postgres_url, source_param
 def pocketbase_resync():
     # The next scheduled run retries a failure; retrying a refusal at once would only repeat it.
     @task(retries=0)
+    @fail_fast
     def resync() -> dict:
         from pbmigrate import sync
 

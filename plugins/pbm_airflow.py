@@ -9,11 +9,34 @@ Connections (names are stable; runbooks use them):
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from airflow.sdk import BaseHook, Param
+from airflow.sdk.exceptions import AirflowFailException
+
+from pbmigrate.errors import Permanent
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail_fast(fn: F) -> F:
+    """Under `@task`: an error a retry cannot fix (pbmigrate's `Permanent`: a bad mapping or param,
+    a missing privilege, a source that is not PocketBase, a refused gate) fails the task at once,
+    in one line, instead of being retried with backoff for minutes. Anything else is retried."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Permanent as exc:
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _conn(conn_id: str):

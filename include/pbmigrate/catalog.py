@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbmigrate.errors import CatalogError, SourceError
+from pbmigrate.errors import BadSource, CatalogError
 
 KNOWN_TYPES = frozenset(
     {
@@ -268,7 +268,7 @@ def detect_generation(conn: sqlite3.Connection) -> int:
         return 23
     if "schema" in cols:
         return 22
-    raise SourceError("not a PocketBase database: _collections has neither 'schema' nor 'fields'")
+    raise BadSource("not a PocketBase database: _collections has neither 'schema' nor 'fields'")
 
 
 def read_catalog(conn: sqlite3.Connection) -> Catalog:
@@ -278,7 +278,7 @@ def read_catalog(conn: sqlite3.Connection) -> Catalog:
         for r in conn.execute("SELECT name, type FROM sqlite_master WHERE type IN ('table','view')")
     }
     if "_collections" not in tables:
-        raise SourceError("not a PocketBase database: no _collections table")
+        raise BadSource("not a PocketBase database: no _collections table")
     generation = detect_generation(conn)
     conn_rows = conn.execute("SELECT * FROM _collections ORDER BY name")
     names = [d[0] for d in conn_rows.description]

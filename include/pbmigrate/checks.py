@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import psycopg
 import redis
 
-from pbmigrate.errors import TargetError
+from pbmigrate.errors import BadTarget, TargetError
 
 
 def safe_url(url: str) -> str:
@@ -32,12 +32,12 @@ def check_postgres(url: str) -> dict:
     except psycopg.Error as exc:
         raise TargetError(f"PostgreSQL at {safe_url(url)}: cannot connect: {str(exc).strip()}") from exc
     if not can_create:
-        raise TargetError(
+        raise BadTarget(
             f"PostgreSQL at {safe_url(url)}: role {user!r} lacks CREATE on database {db!r} "
             "(needed for the staging schema and pbm_meta); GRANT CREATE ON DATABASE to it"
         )
     if version < 120000:
-        raise TargetError(f"PostgreSQL at {safe_url(url)}: version {version} is too old; 12 or newer is needed")
+        raise BadTarget(f"PostgreSQL at {safe_url(url)}: version {version} is too old; 12 or newer is needed")
     return {"user": user, "database": db, "server_version": version}
 
 
@@ -48,7 +48,7 @@ def check_redis(client: redis.Redis | redis.RedisCluster, where: str) -> dict:
         client.set("pbm:probe", "1", ex=10)
         client.delete("pbm:probe")
     except redis.exceptions.ResponseError as exc:
-        raise TargetError(f"Redis at {where}: no write permission ({exc})") from exc
+        raise BadTarget(f"Redis at {where}: no write permission ({exc})") from exc
     except redis.exceptions.RedisError as exc:
         raise TargetError(f"Redis at {where}: cannot connect: {exc}") from exc
     return {"redis": where}

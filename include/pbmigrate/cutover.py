@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 
 from pbmigrate import metrics, report
 from pbmigrate.ddl import previous_schema, staging_schema
-from pbmigrate.errors import PbmError, Refused
+from pbmigrate.errors import ParamError, PbmError, Refused
 from pbmigrate.plan import qi
 
 log = logging.getLogger("pbmigrate")
@@ -146,7 +146,7 @@ def decide(verdict: dict, mode: str = "auto", *, cut_over: str = "cut_over", hol
            roll_back: str = "roll_back") -> str:
     """The branch: the task id to follow (the DAG passes its own task ids)."""
     if mode not in MODES:
-        raise ValueError(f"param cutover must be one of {MODES}, not {mode!r}")
+        raise ParamError(f"param cutover must be one of {MODES}, not {mode!r}")
     if not verdict["promote"]:
         return roll_back
     return cut_over if mode == "auto" else hold
@@ -512,7 +512,7 @@ def run_action(action: str, target_schema: str, pg_url: str, redis_url: str | No
                reason: str = "") -> dict[str, Any]:
     """The pocketbase_cutover DAG: promote the run waiting in staging, or roll back one step."""
     if action not in ACTIONS:
-        raise ValueError(f"param action must be one of {ACTIONS}, not {action!r}")
+        raise ParamError(f"param action must be one of {ACTIONS}, not {action!r}")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         latest = _latest_run(conn, target_schema)
         run = _run_row(conn, latest[0]) if latest else None

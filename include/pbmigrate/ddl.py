@@ -8,8 +8,13 @@ is faster for COPY and the only order that works for PocketBase's self-reference
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 
+from pbmigrate.errors import MappingError
 from pbmigrate.plan import Junction, Plan, Table, qi
 
 
@@ -50,3 +55,34 @@ def create_schema(conn: psycopg.Connection, schema: str, plan: Plan, *, fresh: b
             created.append(table.name)
             created.extend(j.table for j in table.junctions)
     return created
+
+
+def _problem(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    return (diag.message_primary or str(exc).splitlines()[0]) + (f" ({diag.message_hint})" if diag.message_hint else "")
+
+
+@contextmanager
+def scratch_schema(conn: psycopg.Connection, plan: Plan, mapping_source: str) -> Iterator[str]:
+    """Every planned table and derived view, created for real in a throw-away schema inside a
+    transaction that is always rolled back: the mapping's type overrides and `derive` SQL are
+    tried by PostgreSQL itself in the first task, and nothing is written to the target. Yields
+    the schema's name, for further checks inside the same transaction (the cache section)."""
+    scratch = f"pbm_check_{uuid.uuid4().hex[:12]}"
+    with conn.transaction(force_rollback=True):
+        conn.execute(f"CREATE SCHEMA {qi(scratch)}")
+        for table in plan.tables:
+            for stmt in table_ddl(scratch, table):
+                try:
+                    with conn.transaction():
+                        conn.execute(stmt)
+                except psycopg.Error as exc:
+                    raise MappingError(f"mapping {mapping_source}: collections.{table.collection.name}: "
+                                       f"table {table.name!r} cannot be created: {_problem(exc)}") from None
+        for name, select in plan.derived.items():
+            try:
+                with conn.transaction():
+                    conn.execute(f"CREATE VIEW {qi(scratch)}.{qi(name)} AS {select.replace('{schema}', qi(scratch))}")
+            except psycopg.Error as exc:
+                raise MappingError(f"mapping {mapping_source}: derive.{name}: the SQL fails: {_problem(exc)}") from None
+        yield scratch

@@ -24,6 +24,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from pbmigrate import ledger
+from pbmigrate.errors import ParamError
 from pbmigrate.plan import Junction, Plan, Table, qi
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def resolve_orphans(conn: psycopg.Connection, schema: str, plan: Plan, run_id: s
     """Dangling relation ids, by policy: `reject` the row, or `null` the value (drop the junction
     row). Repeats until stable, because rejecting a row can orphan the rows pointing at it."""
     if mode not in ORPHAN_MODES:
-        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {mode!r}")
+        raise ParamError(f"param orphans must be one of {ORPHAN_MODES}, not {mode!r}")
     tables = {t.name: t for t in plan.tables}
     counts: dict[tuple[str, str, str], tuple[int, list[str]]] = {}
     changed = True
@@ -323,7 +324,7 @@ def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orp
     """Everything after the load: `prebuild`, then every decision in one transaction (all of it holds
     or none of it does)."""
     if orphans not in ORPHAN_MODES:
-        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
+        raise ParamError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     report = FinalizeReport()
     # A re-run finds nothing new (rejected rows are gone, nulled values are NULL), so the
     # rejects and orphan counts of an earlier committed finalize stay as they are.

@@ -1,7 +1,9 @@
 """Mapping files: how PocketBase collections become PostgreSQL tables.
 
 A collection the mapping does not name is copied under its own name, so the pipeline works for
-any PocketBase application. Anything the file names that does not exist is an error naming it.
+any PocketBase application. Anything the file names that does not exist is an error naming the
+file, the key and the problem (with the closest existing names), raised before anything is
+written. `pbmigrate mapping init` writes a starter file for the database in front of you.
 
 ```yaml
 collections:
@@ -12,8 +14,8 @@ collections:
     types: {xp: numeric}               # PostgreSQL type overrides
     junctions:                         # multi relations -> (owner, target, position) tables
       friends: {table: player_friends, owner: player_id, target: friend_id}
-  leaderboard:
-    derive: "SELECT ... FROM {schema}.player_stats"   # a view instead of a copy
+derive:                                # views over the migrated tables, not copies: a PocketBase
+  leaderboard: "SELECT ... FROM {schema}.player_stats"   # collection of that name is not copied
 skip: [logs]                           # collections not migrated at all
 cache: {...}                           # Redis warm-up, read by pbmigrate.warmup
 ```
@@ -21,36 +23,60 @@ cache: {...}                           # Redis warm-up, read by pbmigrate.warmup
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from pbmigrate.catalog import Catalog, Collection
 from pbmigrate.errors import MappingError
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "mappings"
-TOP_KEYS = {"collections", "skip", "cache", "description"}
-COLLECTION_KEYS = {"table", "rename", "skip_fields", "types", "junctions", "derive"}
-JUNCTION_KEYS = {"table", "owner", "target"}
+# A type name, optionally with a modifier and array brackets: what a `types:` override may say.
+# Anything else (a quote, a semicolon, a DEFAULT clause) would reach the DDL as SQL.
+TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?(\[\])*$")
 
 
-@dataclass(frozen=True)
-class JunctionSpec:
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class JunctionSpec(_Strict):
     table: str | None = None
     owner: str = "owner_id"
     target: str = "target_id"
 
 
-@dataclass(frozen=True)
-class CollectionMap:
+class CollectionMap(_Strict):
     table: str | None = None
-    rename: dict[str, str] = field(default_factory=dict)
+    rename: dict[str, str] = {}
     skip_fields: frozenset[str] = frozenset()
-    types: dict[str, str] = field(default_factory=dict)
-    junctions: dict[str, JunctionSpec] = field(default_factory=dict)
-    derive: str | None = None
+    types: dict[str, str] = {}
+    junctions: dict[str, JunctionSpec] = {}
+    derive: str | None = None  # the older spelling of a top-level `derive:` entry
+
+    @field_validator("types")
+    @classmethod
+    def _type_names(cls, types: dict[str, str]) -> dict[str, str]:
+        for fname, tname in types.items():
+            if not TYPE_RE.match(tname.strip()):
+                raise ValueError(f"{fname}: {tname!r} is not a PostgreSQL type name")
+        return {k: v.strip() for k, v in types.items()}
+
+
+class MappingFile(_Strict):
+    """What a mapping file may hold (extra keys are errors, not ignored)."""
+
+    description: str | None = None
+    collections: dict[str, CollectionMap] = {}
+    derive: dict[str, str] = {}
+    skip: frozenset[str] = frozenset()
+    cache: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -59,9 +85,13 @@ class Mapping:
     skip: frozenset[str] = frozenset()
     cache: dict[str, Any] = field(default_factory=dict)
     source: str = "(identity)"
+    derive: dict[str, str] = field(default_factory=dict)  # view name -> SELECT with {schema}
 
     def for_collection(self, name: str) -> CollectionMap:
         return self.collections.get(name, CollectionMap())
+
+    def error(self, where: str, problem: str) -> MappingError:
+        return MappingError(f"mapping {self.source}: {where}: {problem}")
 
 
 def resolve_path(name: str) -> Path:
@@ -81,58 +111,98 @@ def load_mapping(name: str | None) -> Mapping:
         return Mapping()
     path = resolve_path(name)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MappingError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MappingError(f"mapping {path}: not valid YAML{at}: {problem}") from exc
     return parse_mapping(doc, str(path))
 
 
-def _unknown(keys: Any, allowed: set[str], where: str) -> None:
-    extra = sorted(set(keys) - allowed)
-    if extra:
-        raise MappingError(f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
+_KEYS = {
+    "top": set(MappingFile.model_fields),
+    "collection": set(CollectionMap.model_fields),
+    "junction": set(JunctionSpec.model_fields),
+}
 
 
-def _dict(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise MappingError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
+def _allowed(loc: tuple) -> set[str]:
+    if len(loc) == 1:
+        return _KEYS["top"]
+    if loc[0] == "collections" and len(loc) == 3:
+        return _KEYS["collection"]
+    if loc[0] == "collections" and len(loc) == 5 and loc[2] == "junctions":
+        return _KEYS["junction"]
+    return set()
+
+
+def closest(name: str, names: Iterable[str]) -> str:
+    """' (did you mean 'x' or 'y'?)' for the nearest of `names`, or '' when none is near."""
+    names = list(names)
+    near = [n for n in names if n.lower() == name.lower() and n != name]
+    near += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in near]
+    if not near:
+        return ""
+    return " (did you mean " + " or ".join(repr(n) for n in near[:3]) + "?)"
+
+
+def _one_line(exc: ValidationError, source: str) -> MappingError:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed(loc)
+        problem = f"unknown key {loc[-1]!r}" + closest(str(loc[-1]), allowed)
+        if allowed:
+            problem += f" (allowed: {', '.join(sorted(allowed))})"
+        where = ".".join(str(p) for p in loc[:-1]) or "(top)"
+    else:
+        problem = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("set_type", "frozen_set_type", "list_type") and isinstance(err.get("input"), str):
+            problem += f" (write [{err['input']}], not {err['input']})"
+    return MappingError(f"mapping {source}: {where}: {problem}")
 
 
 def parse_mapping(doc: Any, source: str) -> Mapping:
-    doc = _dict(doc, source)
-    _unknown(doc, TOP_KEYS, source)
-    cols: dict[str, CollectionMap] = {}
-    for cname, spec in _dict(doc.get("collections"), f"{source}: collections").items():
-        where = f"{source}: collections.{cname}"
-        spec = _dict(spec, where)
-        _unknown(spec, COLLECTION_KEYS, where)
-        junctions = {}
-        for fname, j in _dict(spec.get("junctions"), f"{where}.junctions").items():
-            j = _dict(j, f"{where}.junctions.{fname}")
-            _unknown(j, JUNCTION_KEYS, f"{where}.junctions.{fname}")
-            junctions[fname] = JunctionSpec(**j)
-        cols[cname] = CollectionMap(
-            table=spec.get("table"),
-            rename=dict(_dict(spec.get("rename"), f"{where}.rename")),
-            skip_fields=frozenset(spec.get("skip_fields") or ()),
-            types=dict(_dict(spec.get("types"), f"{where}.types")),
-            junctions=junctions,
-            derive=spec.get("derive"),
-        )
-    return Mapping(cols, frozenset(doc.get("skip") or ()), _dict(doc.get("cache"), f"{source}: cache"), source)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise MappingError(f"mapping {source}: expected a mapping of keys at the top, got {type(doc).__name__}")
+    try:
+        m = MappingFile.model_validate(doc)
+    except ValidationError as exc:
+        raise _one_line(exc, source) from None
+    derive = dict(m.derive)
+    for cname, cmap in m.collections.items():
+        if cmap.derive:
+            name = cmap.table or cname
+            if name in derive:
+                raise MappingError(f"mapping {source}: collections.{cname}.derive: view {name!r} is derived twice")
+            derive[name] = cmap.derive
+    for name, sql in derive.items():
+        if not str(sql).strip():
+            raise MappingError(f"mapping {source}: derive.{name}: empty SQL")
+    return Mapping(dict(m.collections), m.skip, dict(m.cache), source, derive)
 
 
 def validate_mapping(mapping: Mapping, catalog: Catalog) -> None:
-    """Every collection and field the mapping names must exist in this PocketBase."""
-    names = {c.name for c in catalog.collections}
+    """Every collection and field the mapping names must exist in this PocketBase.
+
+    A derived view needs no collection: `collections.<name>` holding only `derive` is a view."""
+    names = [c.name for c in catalog.collections]
     for cname in sorted(set(mapping.collections) | mapping.skip):
-        if cname not in names:
-            raise MappingError(f"mapping {mapping.source}: unknown collection {cname!r}")
+        cmap = mapping.collections.get(cname)
+        if cname not in names and not (cmap and cmap.derive):
+            group = "collections" if cname in mapping.collections else "skip"
+            raise mapping.error(f"{group}.{cname}",
+                                f"unknown collection {cname!r}: this PocketBase has no such collection"
+                                + closest(cname, names))
     for cname, cmap in mapping.collections.items():
+        if cname not in names:
+            continue
         coll = catalog.get(cname)
+        fnames = [f.name for f in coll.fields]
         for group, fields in (
             ("rename", cmap.rename),
             ("skip_fields", cmap.skip_fields),
@@ -141,19 +211,15 @@ def validate_mapping(mapping: Mapping, catalog: Catalog) -> None:
         ):
             for fname in fields:
                 if not coll.has_field(fname):
-                    raise MappingError(
-                        f"mapping {mapping.source}: collections.{cname}.{group}: "
-                        f"collection {cname!r} has no field {fname!r}"
-                    )
+                    raise mapping.error(f"collections.{cname}.{group}.{fname}",
+                                        f"collection {cname!r} has no field {fname!r}" + closest(fname, fnames))
         for fname in cmap.junctions:
             f = coll.field(fname)
             if not (f.type == "relation" and f.multi):
-                raise MappingError(
-                    f"mapping {mapping.source}: collections.{cname}.junctions.{fname}: "
-                    "only multi relations become junction tables"
-                )
+                raise mapping.error(f"collections.{cname}.junctions.{fname}", "only multi relations become "
+                                    f"junction tables ({fname!r} is a single {f.type})")
         if "id" in cmap.skip_fields:
-            raise MappingError(f"mapping {mapping.source}: collections.{cname}: the id field cannot be skipped")
+            raise mapping.error(f"collections.{cname}.skip_fields", "the id field cannot be skipped")
 
 
 def is_skipped(mapping: Mapping, coll: Collection) -> bool:

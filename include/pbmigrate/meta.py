@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS pbm_meta.watermarks (
 _LOCK_KEY = 0x70626D6D  # "pbmm": serialises concurrent first-time creation
 
 
+def exists(conn: psycopg.Connection) -> bool:
+    """Whether pbm_meta has been created here (looking writes nothing)."""
+    return conn.execute("SELECT to_regclass('pbm_meta.runs') IS NOT NULL").fetchone()[0]
+
+
 def ensure_meta(conn: psycopg.Connection) -> None:
     """Create pbm_meta if needed (idempotent, safe when parallel tasks race)."""
     with conn.transaction():

@@ -15,12 +15,13 @@ from typing import Any
 
 import psycopg
 
-from pbmigrate import ddl, meta, metrics
+from pbmigrate import ddl, meta, metrics, warmup
 from pbmigrate.checks import check_postgres, safe_url
+from pbmigrate.errors import ParamError
 from pbmigrate.finalize import ORPHAN_MODES, finalize
 from pbmigrate.guard import target_lock
 from pbmigrate.load import load_batch
-from pbmigrate.mapping import load_mapping
+from pbmigrate.mapping import Mapping, load_mapping
 from pbmigrate.plan import Plan, build_plan
 from pbmigrate.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.sources import Source, open_source, plan_ranges
@@ -46,9 +47,9 @@ def run_dir(target_schema: str, run_id: str) -> Path:
 def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size: int,
                collections: list[str] | None, orphans: str) -> dict[str, Any]:
     if orphans not in ORPHAN_MODES:
-        raise ValueError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
+        raise ParamError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     if int(batch_size) < 1:
-        raise ValueError("param batch_size must be at least 1")
+        raise ParamError("param batch_size must be at least 1")
     return {
         "source_path": str(resolve_data_db(source_path)) if source_path else "",
         "target_schema": target_schema,
@@ -63,7 +64,7 @@ def open_run_source(run: dict, api: dict | None = None) -> Source:
     if run["source_kind"] == "sqlite":
         return open_source(run["snapshot_path"])
     if not api:
-        raise ValueError("API mode needs the pbm_pocketbase connection (url, email, password)")
+        raise ParamError("API mode needs the pbm_pocketbase connection (url, email, password)")
     return open_source(None, **api)
 
 
@@ -74,13 +75,18 @@ def run_plan(run: dict, source: Source) -> Plan:
 
 
 def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = None) -> dict:
-    """Check the target, resume an unfinished run or snapshot the source for a new one."""
+    """Check the target and the mapping, resume an unfinished run or snapshot the source for a new one.
+
+    Whatever a retry cannot fix fails here, in the first task, before anything is written to the
+    target: a missing privilege, a malformed mapping (before the snapshot), a mapping that names
+    what the source lacks, a type override or `derive` SQL PostgreSQL refuses, a cache section
+    naming a column no table has (the last two tried in a scratch schema that is rolled back)."""
     check_postgres(pg_url)
+    mapping = load_mapping(params["mapping"])
     target = params["target_schema"]
     with target_lock(pg_url, target, shared=True, holder="pbmigrate migration"), \
             psycopg.connect(pg_url, autocommit=True) as conn:
-        meta.ensure_meta(conn)
-        resumed = meta.resumable_run(conn, target, params)
+        resumed = meta.resumable_run(conn, target, params) if meta.exists(conn) else None
         kind = "sqlite" if params["source_path"] else "api"
         if resumed and (kind == "api" or Path(resumed["snapshot_path"] or "").is_file()):
             run_id, snapshot, is_resumed = resumed["run_id"], resumed["snapshot_path"], True
@@ -99,8 +105,24 @@ def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = No
             "params": params,
             "resumed": is_resumed,
         }
+        check_mapping(conn, run, mapping, api)
+        meta.ensure_meta(conn)
         meta.start_run(conn, run)
     return run
+
+
+def check_mapping(conn: psycopg.Connection, run: dict, mapping: Mapping, api: dict | None = None) -> Plan:
+    """The mapping against this source's catalog, then its DDL, views and cache section tried by
+    PostgreSQL in a scratch schema that is rolled back."""
+    source = open_run_source(run, api)
+    try:
+        plan = build_plan(source.catalog(), mapping, collections=run["params"]["collections"],
+                          has_secrets=source.has_secrets)
+    finally:
+        source.close()
+    with ddl.scratch_schema(conn, plan, mapping.source) as scratch:
+        warmup.check_config(conn, scratch, warmup.parse_cache_config(mapping.cache), mapping.source)
+    return plan
 
 
 def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:

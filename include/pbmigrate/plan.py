@@ -13,7 +13,7 @@ from pbmigrate import checksum
 from pbmigrate.catalog import Catalog, Collection, Field
 from pbmigrate.convert import Converter, converter_for
 from pbmigrate.errors import MappingError
-from pbmigrate.mapping import Mapping, validate_mapping
+from pbmigrate.mapping import Mapping, closest, validate_mapping
 
 PG_MAX_IDENT = 63
 
@@ -182,21 +182,23 @@ def build_plan(catalog: Catalog, mapping: Mapping, *, collections: list[str] | N
     wanted = set(collections or ())
     unknown = wanted - {c.name for c in catalog.collections}
     if unknown:
-        raise MappingError(f"param collections: unknown collection {sorted(unknown)[0]!r}")
+        name = sorted(unknown)[0]
+        raise MappingError(f"param collections: unknown collection {name!r}"
+                           + closest(name, [c.name for c in catalog.collections]))
     skipped: list[tuple[str, str]] = []
-    derived: dict[str, str] = {}
+    derived = dict(mapping.derive)
     chosen: list[Collection] = []
     for coll in catalog.collections:
         cmap = mapping.for_collection(coll.name)
+        view = next((n for n in (coll.name, cmap.table or coll.name) if n in derived), None)
         if coll.is_view:
             skipped.append((coll.name, "view collection: reported, not copied"))
         elif coll.is_internal:
             skipped.append((coll.name, "PocketBase system collection"))
         elif coll.name in mapping.skip:
             skipped.append((coll.name, "skipped by the mapping"))
-        elif cmap.derive:
-            derived[cmap.table or coll.name] = cmap.derive
-            skipped.append((coll.name, f"derived as view {cmap.table or coll.name!r}, not copied"))
+        elif view is not None:  # the view replaces the collection of its name
+            skipped.append((coll.name, f"derived as view {view!r}, not copied"))
         elif wanted and coll.name not in wanted:
             skipped.append((coll.name, "not in the param collections"))
         else:
@@ -205,7 +207,7 @@ def build_plan(catalog: Catalog, mapping: Mapping, *, collections: list[str] | N
     table_of.update({c.name: table_of[c.id] for c in chosen})
     warnings: list[str] = []
     tables = [_table(c, mapping, table_of, has_secrets, warnings) for c in chosen]
-    _check_unique_names(tables)
+    _check_unique_names(tables, derived)
     return Plan(tables, derived, skipped, warnings, has_secrets)
 
 
@@ -246,8 +248,8 @@ def _table(coll: Collection, mapping: Mapping, table_of: dict[str, str], has_sec
     return table
 
 
-def _check_unique_names(tables: list[Table]) -> None:
-    seen: dict[str, str] = {}
+def _check_unique_names(tables: list[Table], views: dict[str, str]) -> None:
+    seen: dict[str, str] = {name: f"the derived view {name!r}" for name in views}
     for t in tables:
         for name in [t.name, *(j.table for j in t.junctions)]:
             if name in seen:

@@ -24,7 +24,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from pbmigrate.errors import TargetError
+from pbmigrate.errors import BadTarget, TargetError
 
 RedisClient = redis.Redis | RedisCluster  # what connect() returns; both speak the same commands
 
@@ -72,9 +72,9 @@ def _split_hosts(hostlist: str) -> list[tuple[str, int]]:
         try:
             nodes.append((host, int(port)))
         except ValueError:
-            raise TargetError(f"Redis URL: bad port in startup node {item!r}") from None
+            raise BadTarget(f"Redis URL: bad port in startup node {item!r}") from None
     if not nodes:
-        raise TargetError("Redis cluster URL names no host")
+        raise BadTarget("Redis cluster URL names no host")
     return nodes
 
 
@@ -82,7 +82,7 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """Startup nodes and client options of a ``redis+cluster://`` URL (or ``redis://...?cluster=true``)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise TargetError(f"{redact(url)}: not a Redis URL")
+        raise BadTarget(f"{redact(url)}: not a Redis URL")
     tls = CLUSTER_SCHEMES.get(scheme, scheme == "rediss")
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -95,7 +95,7 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         if password:
             options["password"] = unquote(password)
     if path.strip("/") not in ("", "0"):
-        raise TargetError(f"{redact(url)}: a Redis Cluster has only database 0")
+        raise BadTarget(f"{redact(url)}: a Redis Cluster has only database 0")
     if tls:
         options["ssl"] = True
     for key, value in parse_qsl(query):
@@ -132,7 +132,7 @@ def connect(
     }
     if not cluster:
         if scheme in CLUSTER_SCHEMES:
-            raise TargetError(f"{redact(url)}: a cluster URL used with cluster=False")
+            raise BadTarget(f"{redact(url)}: a cluster URL used with cluster=False")
         clean = url
         if "cluster" in query:  # redis-py would pass an unknown `cluster` option on to the connection
             parts = urlsplit(url)

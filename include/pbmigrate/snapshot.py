@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from pbmigrate.errors import SourceError
+from pbmigrate.errors import BadSource, SourceError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -32,10 +32,10 @@ def resolve_data_db(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / "data.db"
     if not p.is_file():
-        raise SourceError(f"{p}: no such file (expected a PocketBase data.db or pb_data folder)")
+        raise BadSource(f"{p}: no such file (expected a PocketBase data.db or pb_data folder)")
     with p.open("rb") as fh:
         if fh.read(16) != SQLITE_MAGIC:
-            raise SourceError(f"{p}: not a SQLite database file")
+            raise BadSource(f"{p}: not a SQLite database file")
     return p
 
 
@@ -62,7 +62,7 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
             conn.execute("PRAGMA query_only = ON")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
-        raise SourceError(f"{p}: cannot be read as SQLite: {exc}") from exc
+        raise BadSource(f"{p}: cannot be read as SQLite: {exc}") from exc
     return conn
 
 

@@ -43,7 +43,7 @@ from psycopg import errors as pgerrors
 from pbmigrate import checksum, ledger, meta, metrics, pgcopy
 from pbmigrate.convert import Reject, multi, parse_datetime
 from pbmigrate.cutover import cut_over_in_effect
-from pbmigrate.errors import PbmError, Refused
+from pbmigrate.errors import ParamError, PbmError, Refused
 from pbmigrate.guard import TargetBusy, target_lock  # noqa: F401 - part of this module's API
 from pbmigrate.load import _reject_all
 from pbmigrate.mapping import load_mapping
@@ -1132,7 +1132,7 @@ def run_resync(*, source_path: str, target_schema: str, mapping: str, collection
     the params differ from the migration's; TargetBusy when a migration holds the target.
     """
     if float(overlap_seconds) < 0:
-        raise ValueError("param overlap_seconds must not be negative")
+        raise ParamError("param overlap_seconds must not be negative")
     started = time.monotonic()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         ensure_sync_meta(conn)
@@ -1149,7 +1149,7 @@ def run_resync(*, source_path: str, target_schema: str, mapping: str, collection
             source = open_source(snap.path)
         else:
             if not api:
-                raise ValueError("API mode needs the pbm_pocketbase connection (url, email, password)")
+                raise ParamError("API mode needs the pbm_pocketbase connection (url, email, password)")
             source = open_source(None, **api)
             snapshot_at = datetime.now(UTC)
             log.warning("API mode: every id and changed row is paged through the REST API (slower than a "

@@ -41,6 +41,7 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg import sql
 from redis.exceptions import AskError, ClusterDownError, MasterDownError, MovedError, NoScriptError, TryAgainError
 
 from pbmigrate import metrics
@@ -57,8 +58,10 @@ from pbmigrate.cache import (
     leaderboard_key,
     leaderboard_query,
     profile_query,
+    table_columns,
 )
-from pbmigrate.errors import MappingError, TargetError
+from pbmigrate.errors import MappingError, ParamError, TargetError
+from pbmigrate.mapping import closest
 from pbmigrate.redisconn import RedisClient, describe, is_cluster
 
 try:
@@ -152,6 +155,43 @@ def parse_cache_config(doc: Mapping[str, Any] | CacheConfig | None) -> CacheConf
     if cfg.chunk_size < 1 or cfg.retries < 0 or cfg.retry_backoff < 0:
         raise MappingError("cache: chunk_size must be >= 1, retries and retry_backoff >= 0")
     return cfg
+
+
+def _section_columns(section: str, spec: Any) -> list[tuple[str, str]]:
+    """(mapping key, column) pairs a section reads."""
+    if section == "profiles":
+        return [("id", spec.id), *(("fields", f) for f in spec.fields)]
+    if section == "leaderboards":
+        return [("season", spec.season), ("member", spec.member), ("score", spec.score)]
+    return [("id", spec.id), ("state", spec.state)]
+
+
+def check_config(conn: psycopg.Connection, schema: str, cfg: CacheConfig, mapping_source: str) -> None:
+    """Every table, column and `where` the cache section names, checked against `schema` (the
+    first task passes a scratch copy of the planned tables and views): a typo fails the run before
+    anything loads, not in the warm-up after the load."""
+    tables = [name for (name,) in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'v')", (schema,))]
+    for section in SECTIONS:
+        spec = getattr(cfg, section)
+        if spec is None:
+            continue
+        where = f"mapping {mapping_source}: cache.{section}"
+        have = table_columns(conn, schema, spec.table)
+        if not have:
+            raise MappingError(f"{where}.table: the migration makes no table or view {spec.table!r}"
+                               + closest(spec.table, tables))
+        for key, column in _section_columns(section, spec):
+            if column not in have:
+                raise MappingError(f"{where}.{key}: {spec.table!r} has no column {column!r}" + closest(column, have))
+        if spec.where:
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL("SELECT 1 FROM {}.{} WHERE {} LIMIT 0").format(
+                        sql.Identifier(schema), sql.Identifier(spec.table), sql.SQL(spec.where)))
+            except psycopg.Error as exc:
+                raise MappingError(f"{where}.where: {str(exc).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------- results
@@ -513,7 +553,7 @@ def warm_all(
     cfg = parse_cache_config(config)
     bad = [s for s in sections if s not in WARMERS]
     if bad:
-        raise ValueError(f"unknown cache section(s) {bad}; known: {list(SECTIONS)}")
+        raise ParamError(f"unknown cache section(s) {bad}; known: {list(SECTIONS)}")
     return {s: WARMERS[s](pg, schema, cfg, client) for s in sections}
 
 
@@ -528,7 +568,7 @@ def warm_run(run: Mapping[str, Any], section: str, *, pg_url: str, redis_url: st
     from pbmigrate.redisconn import connect
 
     if section not in WARMERS:
-        raise ValueError(f"unknown cache section {section!r}; known: {list(SECTIONS)}")
+        raise ParamError(f"unknown cache section {section!r}; known: {list(SECTIONS)}")
     cache = load_mapping(run["params"]["mapping"]).cache
     cfg = parse_cache_config(cache)
     client = connect(redis_url, retries=cfg.retries)

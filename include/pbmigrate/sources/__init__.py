@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pbmigrate.catalog import Catalog, Collection
+from pbmigrate.errors import ParamError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Source(Protocol):
 def plan_ranges(source: Source, coll: Collection, batch_size: int) -> list[IdRange]:
     """Split a collection into id ranges of `batch_size` rows, streaming the ids once."""
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise ParamError("batch_size must be at least 1")
     ranges: list[IdRange] = []
     lo = last = None
     n = 0

@@ -34,7 +34,7 @@ from urllib.parse import quote, quote_plus
 import requests
 
 from pbmigrate.catalog import Catalog, Collection, Field, catalog_from_api
-from pbmigrate.errors import SourceError
+from pbmigrate.errors import BadSource, SourceError
 
 PER_PAGE = 1000  # what we ask for; 0.22 clamps to 500 and 0.23+ to 1000, silently
 BACKUP_NAME = re.compile(r"^[a-z0-9_-]+\.zip$")
@@ -403,7 +403,7 @@ class ApiSource:
             body = None
         if resp.status_code != 200 or not isinstance(body, dict) or "message" not in body:
             kind = resp.headers.get("Content-Type", "?").split(";")[0]
-            raise SourceError(f"{self.url}: not a PocketBase server (GET /api/health answered "
+            raise BadSource(f"{self.url}: not a PocketBase server (GET /api/health answered "
                               f"{resp.status_code} {kind})")
 
     def _authenticate(self) -> None:
@@ -419,7 +419,7 @@ class ApiSource:
             if resp.status_code == 404:
                 continue
             if resp.status_code in (400, 401, 403):
-                raise SourceError(f"{self.url}: superuser login as {self.email!r} failed: wrong email "
+                raise BadSource(f"{self.url}: superuser login as {self.email!r} failed: wrong email "
                                   f"or password ({_message(resp)})")
             if resp.status_code != 200:
                 raise SourceError(f"{self.url}: superuser login answered {resp.status_code}: "
@@ -433,7 +433,7 @@ class ApiSource:
             self._token_exp = _jwt_exp(token)
             self.session.headers["Authorization"] = token
             return
-        raise SourceError(f"{self.url}: no superuser login endpoint (not a PocketBase server, or a "
+        raise BadSource(f"{self.url}: no superuser login endpoint (not a PocketBase server, or a "
                           "version older than 0.22)")
 
     def _reauthenticate(self, stale: str | None) -> None:
