@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from hashlib import md5
+from ipaddress import ip_interface
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
+from uuid import UUID
 
 MOD = 2**64
 SEP = "\x1f"
@@ -66,6 +68,20 @@ def _other(v: Any) -> str:
     return NULL if v is None else str(v)
 
 
+def _uuid(v: Any) -> str:
+    """uuid as PostgreSQL prints it: lower case, hyphenated (a source may hold 'A0EEBC99-...')."""
+    return NULL if v is None else str(UUID(str(v)))
+
+
+def _inet(v: Any) -> str:
+    """inet as PostgreSQL prints it: the address compressed, the mask only when not a host's."""
+    if v is None:
+        return NULL
+    iface = ip_interface(str(v).strip())
+    prefix = iface.network.prefixlen
+    return str(iface.ip) if prefix == iface.max_prefixlen else f"{iface.ip}/{prefix}"
+
+
 PY_CANON: dict[str, Callable[[Any], str]] = {
     "text": _text,
     "bigint": _bigint,
@@ -75,6 +91,8 @@ PY_CANON: dict[str, Callable[[Any], str]] = {
     "text[]": _text_array,
     "jsonb": _jsonb,
     "point": _point,
+    "uuid": _uuid,  # mapping overrides PostgreSQL normalises: hashed as it prints them
+    "inet": _inet,
     "other": _other,  # a type with no canonical form of its own and no natural type to fall back on
 }
 
@@ -88,13 +106,15 @@ SQL_CANON: dict[str, str] = {
     "text[]": "array_to_json({c})::text",
     "jsonb": _NULLSAFE.format(e="{c}::text"),
     "point": "encode(float8send({c}[0]), 'hex') || encode(float8send({c}[1]), 'hex')",
+    "uuid": _NULLSAFE.format(e="{c}::text"),
+    "inet": "CASE WHEN {c} IS NULL THEN '\\N' ELSE concat({c}) END",  # a cast to text adds '/32'
     "other": _NULLSAFE.format(e="{c}::text"),
 }
 
 
 def canon_key(pg_type: str, natural: str | None = None) -> str:
-    """The canonical form a column is hashed in: its own type's; for a mapping type override that
-    has none (numeric, uuid, inet, citext...), that of `natural`, the type its PocketBase field
+    """The canonical form a column is hashed in: its own type's (uuid and inet included); for a
+    mapping type override that has none (numeric, varchar, citext...), that of `natural`, the type its PocketBase field
     would have had. The loader's values are of the natural type, and validation casts the column
     back to it (`sql_value`), so both sides agree exactly where the override kept the value."""
     if pg_type in PY_CANON:

@@ -1,4 +1,4 @@
-"""`pbmigrate` console script: the assessment (and the sample builder) without Airflow.
+"""`pbmigrate` console script: the assessment, a starter mapping and the sample builder, without Airflow.
 
 Every expected failure prints one line naming the problem and exits non-zero; nothing is written.
 """
@@ -16,19 +16,53 @@ from pbmigrate.errors import PbmError
 def _assess(args: argparse.Namespace) -> int:
     from pbmigrate.assess import assess, render
     from pbmigrate.mapping import load_mapping
-    from pbmigrate.sources import open_source
 
-    if not args.source and not args.url:
-        raise PbmError("give a data.db / pb_data path, or --url with --email and a password")
-    password = args.password or os.environ.get("PBM_POCKETBASE_PASSWORD", "")
-    source = open_source(args.source, url=args.url, email=args.email, password=password) if not args.source \
-        else open_source(args.source)
+    source = _open(args)
     try:
         report = assess(source, load_mapping(args.mapping), args.collections or None)
     finally:
         source.close()
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
+
+
+def _open(args: argparse.Namespace):
+    from pbmigrate.sources import open_source
+
+    if not args.source and not args.url:
+        raise PbmError("give a data.db / pb_data path, or --url with --email and a password")
+    if args.source:
+        return open_source(args.source)
+    password = args.password or os.environ.get("PBM_POCKETBASE_PASSWORD", "")
+    return open_source(None, url=args.url, email=args.email, password=password)
+
+
+def _mapping_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pbmigrate.checks import safe_url
+    from pbmigrate.starter import starter_mapping
+
+    source = _open(args)
+    try:
+        catalog = source.catalog()
+        counts = {c.name: source.count(c) for c in catalog.migrating()}
+    finally:
+        source.close()
+    text = starter_mapping(catalog, source=args.source or safe_url(args.url), counts=counts)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}: {len(counts)} collections; give it as the DAG param mapping", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="data.db or pb_data folder (omit for API mode)")
+    p.add_argument("--url", help="PocketBase URL (API mode)")
+    p.add_argument("--email", help="superuser email (API mode)")
+    p.add_argument("--password", help="superuser password (or env PBM_POCKETBASE_PASSWORD)")
 
 
 def _sample(argv: list[str]) -> int:
@@ -48,17 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pbmigrate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("assess", help="pre-migration assessment of a PocketBase database or server")
-    a.add_argument("source", nargs="?", help="data.db or pb_data folder (omit for API mode)")
-    a.add_argument("--url", help="PocketBase URL (API mode)")
-    a.add_argument("--email", help="superuser email (API mode)")
-    a.add_argument("--password", help="superuser password (or env PBM_POCKETBASE_PASSWORD)")
+    _source_args(a)
     a.add_argument("--mapping", default="", help="mapping file or bundled name (default: identity)")
     a.add_argument("--collections", nargs="*", help="only these collections")
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    m = sub.add_parser("mapping", help="mapping files")
+    msub = m.add_subparsers(dest="mapping_command", required=True)
+    init = msub.add_parser("init", help="write a starter mapping for a PocketBase database or server")
+    _source_args(init)
+    init.add_argument("-o", "--output", help="write to this file (default: standard output)")
     sub.add_parser("sample", help="build the sample game database (see: pbmigrate sample --help)")
     args = parser.parse_args(argv)
     try:
-        return _assess(args)
+        return _mapping_init(args) if args.command == "mapping" else _assess(args)
     except PbmError as exc:
         print(f"pbmigrate: {exc}", file=sys.stderr)
         return 2
