@@ -252,3 +252,30 @@ def test_mapping_init_writes_to_stdout_and_fails_in_one_line_on_a_file_that_is_n
     assert cli.main(["mapping", "init", str(bogus)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbmigrate: ") and "\n" not in err
+
+
+def test_mapping_init_through_the_api_matches_the_snapshot_s_collections(racing, tmp_path, capsys):
+    """API mode (`--url`): the same collections, fields and cache choices as from the file."""
+    from pbmigrate.pbserver import PocketBaseServer
+    from tests.foreign_dbs import SUPERUSER
+
+    data = tmp_path / "pb_data"
+    shutil.copytree(racing.pb_data, data)
+    with PocketBaseServer(data, version=racing.version) as pb:
+        email, password = SUPERUSER
+        assert cli.main(["mapping", "init", "--url", pb.url, "--email", email, "--password", password]) == 0
+    from_api = yaml.safe_load(capsys.readouterr().out)
+    assert cli.main(["mapping", "init", str(racing.pb_data)]) == 0
+    from_file = yaml.safe_load(capsys.readouterr().out)
+    assert from_api["collections"].keys() == from_file["collections"].keys()
+    assert from_api["collections"]["races"] == from_file["collections"]["races"]
+    assert from_api["cache"]["leaderboards"] == from_file["cache"]["leaderboards"]
+    assert password not in json.dumps(from_api)
+
+
+def test_assess_names_the_closest_collections_for_a_missing_one(racing, tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("collections:\n  pilots: {table: drivers}\n")
+    assert cli.main(["assess", str(racing.pb_data), "--mapping", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown collection 'pilots'" in err and "did you mean 'Pilots'" in err and "\n" not in err
