@@ -24,7 +24,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -49,7 +49,7 @@ ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def pb_now() -> str:
-    return sync.pb_timestamp(datetime.now(timezone.utc))
+    return sync.pb_timestamp(datetime.now(UTC))
 
 
 def change_rows(data_db: Path, total: int, share: float, seed: int = 11) -> dict[str, dict[str, int]]:

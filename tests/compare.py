@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 
@@ -16,7 +16,7 @@ def _date(v):
     if v in (None, ""):
         return None
     dt = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def expected(field, v):

@@ -30,8 +30,7 @@ os.environ.update({
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}",
 })
 atexit.register(shutil.rmtree, AIRFLOW_HOME, True)
-SHARED = ROOT.parent / "shared"
-FIXTURE_022 = SHARED / "fixtures" / "pocketbase-v0.22-testdata"
+FIXTURE_022 = ROOT / "tests" / "fixtures" / "pocketbase-v0.22-testdata"  # licence: tests/fixtures/README.md
 PG_ADMIN_URL = os.environ.get("PBM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("PBM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from pbmigrate.catalog import Field
 from pbmigrate.convert import Reject, converter_for
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def conv(ftype: str, **kw):

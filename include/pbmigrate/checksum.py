@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from hashlib import md5
 from ipaddress import ip_interface
@@ -24,7 +24,7 @@ from uuid import UUID
 MOD = 2**64
 SEP = "\x1f"
 NULL = "\\N"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 pack_float8 = struct.Struct(">d").pack
 

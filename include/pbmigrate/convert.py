@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -23,7 +23,7 @@ from pbmigrate.catalog import Field
 from pbmigrate.checksum import jsonb_dump
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-UTC = timezone.utc
+UTC = UTC
 
 Converter = Callable[[Any], Any]
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -205,7 +205,7 @@ def backup(conn: psycopg.Connection, run: dict, pg_url: str) -> list[dict]:
     """Before a cut-over: pg_dump the live schema (if there is one) and keep the source snapshot."""
     target = run["target_schema"]
     folder = report.run_dir(run) / "backups"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     done = []
     if _schema_exists(conn, target):
         info = dump_schema(pg_url, target, folder / f"{target}-{stamp}.dump")

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ SHARES = {"users": 0.05, "matches": 0.10, "participants": 0.35, "leaderboard": 0
           "inventory": 0.20, "achievements": 0.15, "user_stats": 0.10}
 COLLECTIONS = tuple(SHARES)
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPAN_MS = 180 * 86_400_000  # records created over the first half of 2026
 _ID = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"

@@ -31,7 +31,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from hashlib import md5
 from itertools import islice
 from pathlib import Path
@@ -61,7 +61,7 @@ RANGE_ROWS = 20_000  # ids per compared range: what one step of the walk holds i
 WRITE_ROWS = 5_000  # rows converted, compared and written at a time
 UNLOADED_STATUSES = frozenset({"running", "failed", "rolled_back", "rolledback"})
 REJECT_STAGES = ("load", "finalize", "resync")  # rejects a re-sync may clear or replace
-UTC = timezone.utc
+UTC = UTC
 
 SYNC_DDL = """
 CREATE TABLE IF NOT EXISTS pbm_meta.resyncs (

@@ -24,7 +24,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -229,7 +229,7 @@ class ApiSource:
         decides whether it was made.
         """
         key = name or "pbmigrate_{}_{}.zip".format(
-            datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"), uuid.uuid4().hex[:6]
+            datetime.now(UTC).strftime("%Y%m%d%H%M%S"), uuid.uuid4().hex[:6]
         )
         if not BACKUP_NAME.match(key):
             raise SourceError(f"{self.url}: backup name {key!r} must match {BACKUP_NAME.pattern}")
