@@ -1,4 +1,5 @@
-"""Airflow-only glue for the pbmigrate DAGs: connections to URLs, shared params and task defaults.
+"""Airflow-only glue for the pbmigrate DAGs: connections to URLs (through the providers' hooks),
+shared params and task defaults.
 
 Connections (names are stable; runbooks use them):
 - `pbm_postgres`: the target PostgreSQL (host, port, login, password, schema = database).
@@ -14,7 +15,7 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from airflow.sdk import BaseHook, Param
 from airflow.sdk.exceptions import AirflowFailException
@@ -39,46 +40,95 @@ def fail_fast(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _conn(conn_id: str):
-    return BaseHook.get_connection(conn_id)
+def _host(host: str) -> str:
+    """A host for a URL's authority: an IPv6 address goes in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _auth(login: str | None, password: str | None) -> str:
+    if not login and not password:
+        return ""
+    return quote(login or "", safe="") + (":" + quote(password, safe="") if password else "") + "@"
+
+
+def _query(params: dict[str, Any]) -> str:
+    items = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items() if v is not None]
+    return ("?" + urlencode(items, quote_via=quote)) if items else ""
 
 
 def postgres_url(conn_id: str = "pbm_postgres") -> str:
-    """A libpq URL for psycopg, from the connection (via the Postgres provider's hook)."""
+    """A libpq URL for psycopg holding what PostgresHook itself would connect with: host (an IPv6
+    one in brackets), port, login, password, database and every extra it passes to the driver
+    (`sslmode`, `sslrootcert`, `options`, `keepalives`...), the hook's own keys left out; an IAM
+    extra gets its token through the hook."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    c = PostgresHook.get_connection(conn_id)
-    auth = quote(c.login or "", safe="") + (":" + quote(c.password, safe="") if c.password else "")
-    return f"postgresql://{auth}@{c.host or '127.0.0.1'}:{c.port or 5432}/{c.schema or 'postgres'}"
+    hook = PostgresHook(postgres_conn_id=conn_id)
+    c = hook.connection
+    login, password, port = c.login, c.password, c.port
+    if c.extra_dejson.get("iam", False):
+        login, password, port = hook.get_iam_token(c)
+    extras = {k: v for k, v in c.extra_dejson.items() if k not in hook.ignored_extra_options}
+    return (f"postgresql://{_auth(login, password)}{_host(c.host or '127.0.0.1')}:{port or 5432}/"
+            f"{quote(c.schema or 'postgres', safe='')}{_query(extras)}")
+
+
+REDIS_TLS_EXTRAS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_keyfile", "ssl_certfile", "ssl_check_hostname")
 
 
 def redis_url(conn_id: str = "pbm_redis") -> str:
-    """A redis:// URL (redis+cluster:// when the extra says cluster); the db lives in the extra."""
-    c = _conn(conn_id)
+    """A redis:// URL (rediss:// with TLS, redis+cluster:// for a cluster) from the connection as
+    RedisHook reads it: login as username (alone too), a password unless 'none'/'false'/'', `db`,
+    `cluster` and `startup_nodes` from the extra, and its TLS extras as URL options."""
+    from airflow.providers.redis.hooks.redis import RedisHook
+
+    c = RedisHook.get_connection(conn_id)
     extra = c.extra_dejson
+    password = None if str(c.password).lower() in ("none", "false", "") else c.password
     cluster = bool(extra.get("cluster"))
-    tls = "s" if extra.get("ssl") else ""
+    tls = "s" if extra.get("ssl") in (True, "true", "True", "1", 1) else ""
     scheme = f"redis{tls}+cluster" if cluster else f"redis{tls}"
-    auth = (quote(c.login or "", safe="") + ":" + quote(c.password, safe="") + "@") if c.password else ""
-    nodes = [f"{c.host or '127.0.0.1'}:{c.port or 6379}"]
+    options = _query({k: extra[k] for k in REDIS_TLS_EXTRAS if k in extra})
+    nodes = [f"{_host(c.host or '127.0.0.1')}:{c.port or 6379}"]
     if cluster:
-        nodes += [n.strip() for n in str(extra.get("startup_nodes", "")).split(",") if n.strip()]
-        return f"{scheme}://{auth}{','.join(nodes)}"
+        startup = extra.get("startup_nodes") or ""
+        startup = startup.split(",") if isinstance(startup, str) else list(startup)
+        nodes += [n.strip() for n in startup if n and n.strip()]
+        return f"{scheme}://{_auth(c.login, password)}{','.join(nodes)}{options}"
     db = extra.get("db", c.schema if str(c.schema or "").isdigit() else 0)  # a URI's /db lands in schema
-    return f"{scheme}://{auth}{nodes[0]}/{int(db)}"
+    return f"{scheme}://{_auth(c.login, password)}{nodes[0]}/{int(db)}{options}"
+
+
+class PocketBaseHook(BaseHook):
+    """The `pbm_pocketbase` connection (API mode): host = the PocketBase URL (or a host name, with
+    the connection type http/https and the port), login = superuser email, password."""
+
+    conn_name_attr = "pocketbase_conn_id"
+    default_conn_name = "pbm_pocketbase"
+    conn_type = "http"
+    hook_name = "PocketBase"
+
+    def __init__(self, pocketbase_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.pocketbase_conn_id = pocketbase_conn_id
+
+    def get_conn(self) -> dict[str, Any]:
+        """url/email/password, the arguments of `pbmigrate.sources.api.ApiSource`."""
+        c = self.get_connection(self.pocketbase_conn_id)
+        host = c.host or ""
+        scheme = c.conn_type if c.conn_type in ("http", "https") else "http"
+        url = host if "://" in host else f"{scheme}://{_host(host)}"
+        if c.port and f":{c.port}" not in url.split("://", 1)[1]:
+            url = f"{url}:{c.port}"
+        return {"url": url.rstrip("/"), "email": c.login, "password": c.password}
 
 
 def pocketbase_api(conn_id: str = "pbm_pocketbase") -> dict | None:
     """url/email/password for API mode, or None when the connection is not defined."""
     try:
-        c = _conn(conn_id)
+        return PocketBaseHook(conn_id).get_conn()
     except Exception:  # the connection is optional: SQLite mode does not need it
         return None
-    host = c.host or ""
-    url = host if "://" in host else f"{c.conn_type if c.conn_type in ('http', 'https') else 'http'}://{host}"
-    if c.port and f":{c.port}" not in url.split("://", 1)[1]:
-        url = f"{url}:{c.port}"
-    return {"url": url.rstrip("/"), "email": c.login, "password": c.password}
 
 
 def default_args() -> dict:

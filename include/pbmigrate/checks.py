@@ -17,6 +17,7 @@ def safe_url(url: str) -> str:
     """host:port/db of a URL, without user or password, for messages and logs."""
     parts = urlsplit(url)
     host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host  # IPv6
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
