@@ -60,6 +60,20 @@ def _failed_checks(pg_url: str, run_id: str) -> list:
                             "WHERE run_id = %s AND NOT success", (run_id,)).fetchall()
 
 
+def migrate_and_promote(run_dag, pg_url: str, redis_url: str, pb_data: Path, target: str, mapping: Path,
+                        counts: dict[str, int], **conf: object) -> str:
+    """A full DAG run with the gate at max_reject_ratio 0: it must end promoted with every record."""
+    conf = {"source_path": str(pb_data), "target_schema": target, "mapping": str(mapping), "max_reject_ratio": 0,
+            **conf}
+    dr = run_dag("pocketbase_migration", conf, pg_url=pg_url, redis_url=redis_url)
+    run_id, status = _status(pg_url, target)
+    assert dr.state == "success", _failed_checks(pg_url, run_id)
+    assert status == "promoted"
+    for coll, n in counts.items():
+        assert _rows(pg_url, target, coll) == n, coll
+    return run_id
+
+
 def test_racing_game_on_040_is_promoted_with_its_starter_mapping(run_dag, fresh_pg_url, redis_url, racing, tmp_path):
     path = mapping_init(racing.pb_data, tmp_path / "racing.yaml")
     doc = yaml.safe_load(path.read_text())
@@ -75,14 +89,8 @@ def test_racing_game_on_040_is_promoted_with_its_starter_mapping(run_dag, fresh_
     assert "password" not in doc["cache"]["profiles"]["fields"] and "tokenKey" not in doc["cache"]["profiles"]["fields"]
     assert doc["cache"]["game_state"]["table"] == "races"
 
-    conf = {"source_path": str(racing.pb_data), "target_schema": "racing", "mapping": str(path),
-            "batch_size": 4, "max_reject_ratio": 0}
-    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url, redis_url=redis_url)
-    run_id, status = _status(fresh_pg_url, "racing")
-    assert dr.state == "success", _failed_checks(fresh_pg_url, run_id)
-    assert status == "promoted"
-    for coll, n in racing.counts.items():
-        assert _rows(fresh_pg_url, "racing", coll) == n, coll
+    migrate_and_promote(run_dag, fresh_pg_url, redis_url, racing.pb_data, "racing", path, racing.counts,
+                        batch_size=4)
     assert _rows(fresh_pg_url, "racing", "races_entrants") == 3 + 3 + 3 + 3 + 2  # six pilots, three a race
     r = redis.Redis.from_url(redis_url)
     top = r.zrevrange("leaderboard:{2026-S1}:top", 0, 0, withscores=True)
@@ -97,14 +105,7 @@ def test_farming_game_on_022_is_promoted_with_its_starter_mapping(run_dag, fresh
     assert doc["collections"]["Farms"]["junctions"]["neighbours"]["table"] == "Farms_neighbours"
     assert doc["collections"]["Farms"]["rename"]["owner"] == "owner_id"
     assert doc["cache"]["leaderboards"]["table"] == "harvest_stats"
-    conf = {"source_path": str(farming.pb_data), "target_schema": "farming", "mapping": str(path),
-            "max_reject_ratio": 0}
-    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url, redis_url=redis_url)
-    run_id, status = _status(fresh_pg_url, "farming")
-    assert dr.state == "success", _failed_checks(fresh_pg_url, run_id)
-    assert status == "promoted"
-    for coll, n in farming.counts.items():
-        assert _rows(fresh_pg_url, "farming", coll) == n, coll
+    migrate_and_promote(run_dag, fresh_pg_url, redis_url, farming.pb_data, "farming", path, farming.counts)
     with psycopg.connect(fresh_pg_url) as conn:
         hashes = conn.execute('SELECT "passwordHash" FROM farming.users').fetchall()
     assert hashes and all(h.startswith("$2a$") for (h,) in hashes)
@@ -114,11 +115,8 @@ def test_every_field_type_of_040_geopoint_included_is_promoted_with_no_reject(ru
                                                                              tmp_path):
     db = build_every_type_db(tmp_path / "every", "0.40.6")
     path = mapping_init(db.pb_data, tmp_path / "every.yaml")
-    conf = {"source_path": str(db.pb_data), "target_schema": "every", "mapping": str(path), "max_reject_ratio": 0}
-    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url, redis_url=redis_url)
-    run_id, status = _status(fresh_pg_url, "every")
-    assert dr.state == "success", _failed_checks(fresh_pg_url, run_id)
-    assert status == "promoted"
+    counts = {c: n for c, n in db.counts.items() if c != "everything_view"}
+    run_id = migrate_and_promote(run_dag, fresh_pg_url, redis_url, db.pb_data, "every", path, counts)
     with psycopg.connect(fresh_pg_url) as conn:
         checks = dict(conn.execute("SELECT check_name, success FROM pbm_meta.checks WHERE run_id = %s "
                                    "AND target_table = 'everything'", (run_id,)).fetchall())
