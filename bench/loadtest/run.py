@@ -12,7 +12,7 @@
      measured rate is the capacity.
 4. An HTML and a JSON report; the JSON's path is the last line printed.
 
-Everything runs on 127.0.0.1, every child process is stopped by its pid, and every Locust run
+The database is dropped at the end unless ``KEEP_DB`` is set. Everything runs on 127.0.0.1, every child process is stopped by its pid, and every Locust run
 has a time limit. On a small machine the servers and the load generator share the CPU: the
 figures are comparable with each other (same command, same machine), not absolute.
 """
@@ -276,6 +276,9 @@ def main() -> int:
     pbc = result.get("pocketbase", {}).get("capacity_rps")
     pgc = result.get("postgres", {}).get("capacity_rps")
     result["improvement"] = round(pgc / pbc, 2) if pbc and pgc else None
+    if not os.environ.get("KEEP_DB"):
+        with psycopg.connect(cfg["pg_admin_url"], autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{cfg["database"]}" WITH (FORCE)')
     shutil.rmtree(work / "sample", ignore_errors=True)
     shutil.rmtree(work / "migrate", ignore_errors=True)
     report_html(out / "report.html", result)
