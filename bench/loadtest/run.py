@@ -12,9 +12,10 @@
      measured rate is the capacity.
 4. An HTML and a JSON report; the JSON's path is the last line printed.
 
-The database is dropped at the end unless ``KEEP_DB`` is set. Everything runs on 127.0.0.1, every child process is stopped by its pid, and every Locust run
-has a time limit. On a small machine the servers and the load generator share the CPU: the
-figures are comparable with each other (same command, same machine), not absolute.
+The database is dropped at the end unless ``KEEP_DB`` is set. Everything runs on 127.0.0.1,
+every child process is stopped by its pid, and every Locust run has a time limit. On a small
+machine the servers and the load generator share the CPU: the figures are comparable with each
+other (same command, same machine), not absolute.
 """
 
 from __future__ import annotations
