@@ -32,6 +32,7 @@ MIX = dict(
 THINK = tuple(float(x) for x in os.environ.get("LT_THINK", "5,15").split(","))
 RATE = float(os.environ.get("LT_RATE", "0"))
 PROFILE_FIELDS = "id,display_name,level,xp,country,avatar"
+RANKED = {season: set(ids) for season, ids in SEED.get("ranked", {}).items()}
 
 
 def _wait():
@@ -50,7 +51,10 @@ class Player(FastHttpUser):
         players = SEED["players"]
         self.me = random.choice(players)
         self.ip = f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}"
-        self.season = random.choice(SEED["seasons"])
+        # A season this player has stats in, and opponents who have too: PocketBase has no upsert, so
+        # a match between players without stats would race to create the same (user, season) row.
+        mine = [s for s, ids in SEED["ranked"].items() if self.me["id"] in RANKED[s]]
+        self.season = random.choice(mine or SEED["seasons"])
         self.fresh_login = random.random() < LOGIN_SHARE
         self.login()
 
@@ -58,9 +62,10 @@ class Player(FastHttpUser):
         return random.choice(SEED["players"])["id"]
 
     def match_body(self) -> dict:
-        me, other = self.me["id"], self.other()
+        me, pool = self.me["id"], SEED["ranked"].get(self.season) or [p["id"] for p in SEED["players"]]
+        other = random.choice(pool)
         while other == me:
-            other = self.other()
+            other = random.choice(pool)
         winner = random.choice((me, other))
         return {"season": self.season, "mode": "ranked", "map": "Old Quarter", "players": [me, other],
                 "winner": winner, "scores": {me: round(random.uniform(0, 5000), 2),

@@ -20,6 +20,7 @@ other (same command, same machine), not absolute.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import json
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import redis
 
@@ -120,7 +122,7 @@ def steady_rps(prefix: Path, users: int) -> float | None:
 
 
 def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_rate: float, seconds: int,
-           prefix: Path, rate: float = 0.0, reset_stats: bool = False) -> dict[str, Any]:
+           prefix: Path, rate: float = 0.0, reset_stats: bool = False, cpu: ServerCpu | None = None) -> dict[str, Any]:
     """One headless Locust run, bounded by ``-t`` and by a hard timeout on the process."""
     env = {**os.environ, "LT_SEED": str(seed), "LT_TARGET": target, "LT_MIX": cfg["mix"],
            "LT_THINK": cfg["think"], "LT_RATE": str(rate), "LT_LOGIN_SHARE": str(cfg["login_share"])}
@@ -132,6 +134,7 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
         cmd += ["--processes", str(cfg["processes"])]
     if reset_stats:
         cmd.append("--reset-stats")
+    cpu0 = cpu.seconds() if cpu else 0.0
     with open(f"{prefix}.log", "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -142,15 +145,18 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
             raise RuntimeError(f"Locust did not stop in time (log {prefix}.log)") from None
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"Locust exited with {proc.returncode} (log {prefix}.log)")
-    return read_stats(prefix)
+    stats = read_stats(prefix)
+    if cpu and not reset_stats and stats.get("requests"):
+        stats["server_cpu_ms_per_request"] = round(1000 * (cpu.seconds() - cpu0) / stats["requests"], 3)
+    return stats
 
 
-def players_run(cfg: dict, target: str, host: str, seed: Path, out: Path) -> dict[str, Any]:
+def players_run(cfg: dict, target: str, host: str, seed: Path, out: Path, cpu: ServerCpu) -> dict[str, Any]:
     users, rate = cfg["users"], cfg["spawn_rate"]
     ramp = math.ceil(users / rate)
     log(f"{target}: {users} players, ramp {ramp} s + {cfg['duration']} s")
     stats = locust(cfg, target=target, host=host, seed=seed, users=users, spawn_rate=rate,
-                   seconds=ramp + cfg["duration"], prefix=out / f"{target}_players")
+                   seconds=ramp + cfg["duration"], prefix=out / f"{target}_players", cpu=cpu)
     steady = steady_rps(out / f"{target}_players", users)
     stats["rps_whole_run"] = stats["rps"]
     if steady is not None:
@@ -179,6 +185,38 @@ def capacity(cfg: dict, target: str, host: str, seed: Path, out: Path) -> dict[s
     return {"capacity_rps": best, "steps": steps}
 
 
+class ServerCpu:
+    """CPU seconds the servers of one backend spend: a cost per request that CPU noise from other
+    work on the machine does not change much (latency does). PocketBase: its process. The new
+    stack: the service's processes, the PostgreSQL backends of the load test's database and
+    redis-server (shared with whatever else uses that Redis, so an upper bound)."""
+
+    def __init__(self, pids: list[int], database: str | None = None) -> None:
+        self.pids = pids
+        self.database = database
+
+    def _procs(self) -> list[psutil.Process]:
+        procs: list[psutil.Process] = []
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                procs += [p, *p.children(recursive=True)]
+        if self.database:
+            for p in psutil.process_iter(["name", "cmdline"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith("redis-server") or (cmd.startswith("postgres:") and f" {self.database} " in cmd):
+                    procs.append(p)
+        return procs
+
+    def seconds(self) -> float:
+        total = 0.0
+        for p in self._procs():
+            with contextlib.suppress(psutil.Error):
+                ct = p.cpu_times()
+                total += ct.user + ct.system
+        return total
+
+
 # ---------------------------------------------------------------------- the stack
 
 
@@ -194,7 +232,9 @@ def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: s
     with psycopg.connect(pg_url) as conn:
         players = [{"id": i, "email": e} for i, e in conn.execute(
             f'SELECT id, email FROM "{schema}".players WHERE email <> \'\' ORDER BY id')]
-        seasons = [s for (s,) in conn.execute(f'SELECT DISTINCT season FROM "{schema}".player_stats ORDER BY 1')]
+        ranked: dict[str, list[str]] = {}
+        for season, player in conn.execute(f'SELECT season, player_id FROM "{schema}".player_stats ORDER BY 1, 2'):
+            ranked.setdefault(season, []).append(player)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = SessionStore(client)
     sessions = {}
@@ -205,7 +245,7 @@ def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: s
         sessions[p["id"]] = token
     pipe.execute()
     client.close()
-    path.write_text(json.dumps({"players": players, "seasons": seasons, "pb_token": pb_token,
+    path.write_text(json.dumps({"players": players, "seasons": sorted(ranked), "ranked": ranked, "pb_token": pb_token,
                                 "password": password, "sessions": sessions}))
     return len(players)
 
@@ -263,17 +303,21 @@ def main() -> int:
         env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": schema,
                "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
-            hosts = {"pocketbase": ("pocketbase", pb.url), "postgres": ("service", svc.url)}
+            assert pb._proc is not None and svc.proc is not None
+            hosts = {"pocketbase": ("pocketbase", pb.url, ServerCpu([pb._proc.pid])),
+                     "postgres": ("service", svc.url, ServerCpu([svc.proc.pid], cfg["database"]))}
             for backend in cfg["backends"]:
-                target, host = hosts[backend]
-                players = players_run(cfg, target, host, seed, out)
+                target, host, cpu = hosts[backend]
+                players = players_run(cfg, target, host, seed, out, cpu)
                 cap = capacity(cfg, target, host, seed, out)
                 result[backend] = {"capacity_rps": cap["capacity_rps"], "capacity_steps": cap["steps"],
                                    "players": players, **{k: players[k] for k in (
                                        "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate")},
+                                   "server_cpu_ms_per_request": players.get("server_cpu_ms_per_request"),
                                    "endpoints": players["endpoints"]}
                 log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
-                    f"errors {players['error_rate']}; capacity {cap['capacity_rps']} rps")
+                    f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
+                    f"capacity {cap['capacity_rps']} rps")
     pbc = result.get("pocketbase", {}).get("capacity_rps")
     pgc = result.get("postgres", {}).get("capacity_rps")
     result["improvement"] = round(pgc / pbc, 2) if pbc and pgc else None

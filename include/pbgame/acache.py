@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -54,6 +55,7 @@ from pbmigrate.cache import (
 )
 from pbmigrate.redisconn import CLUSTER_SCHEMES, parse_cluster_url
 
+log = logging.getLogger("pbgame")
 AsyncRedis = aredis.Redis | RedisCluster
 Entry = tuple[str, float]
 
@@ -80,7 +82,9 @@ def connect(url: str, *, max_connections: int = 64) -> AsyncRedis:
         parts = urlsplit(url)
         url = urlunsplit(parts._replace(query="&".join(f"{k}={v}" for k, v in parse_qsl(parts.query)
                                                        if k != "cluster")))
-    return aredis.Redis.from_url(url, max_connections=max_connections, **common)
+    # Blocking: under a burst, wait for a free connection instead of failing the request.
+    pool = aredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0, **common)
+    return aredis.Redis(connection_pool=pool)
 
 
 class BackendFlag:
@@ -98,7 +102,8 @@ class BackendFlag:
             self._at = now
             try:
                 raw = await self.client.get(BACKEND_FLAG_KEY)
-            except Exception:  # keep serving on the last known backend
+            except Exception as exc:  # keep serving on the last known backend
+                log.warning("cannot read %s (%s); staying on %s", BACKEND_FLAG_KEY, type(exc).__name__, self.value)
                 return self.value
             if raw in BACKENDS:
                 self.value = raw
@@ -106,11 +111,20 @@ class BackendFlag:
 
 
 class Sessions:
-    """``session:{token}`` -> JSON, 24 h."""
+    """``session:{token}`` -> JSON, 24 h; a found session is remembered in-process for `local_ttl`.
 
-    def __init__(self, client: AsyncRedis, *, ttl: int = SESSION_TTL) -> None:
+    Every journey needs the session first: remembering it for a few seconds saves one Redis
+    round trip per request. A session deleted in Redis is still honoured for at most
+    `local_ttl` seconds by a process that saw it (0 turns the memory off).
+    """
+
+    def __init__(self, client: AsyncRedis, *, ttl: int = SESSION_TTL, local_ttl: float = 5.0,
+                 local_max: int = 200_000) -> None:
         self.client = client
         self.ttl = ttl
+        self.local_ttl = local_ttl
+        self.local_max = local_max
+        self._local: dict[str, tuple[float, dict[str, Any]]] = {}
 
     async def create(self, data: Mapping[str, Any]) -> str:
         token = secrets.token_urlsafe(32)
@@ -120,10 +134,23 @@ class Sessions:
     async def get(self, token: str) -> dict[str, Any] | None:
         if not token:
             return None
+        now = time.monotonic()
+        hit = self._local.get(token)
+        if hit and hit[0] > now:
+            return hit[1]
         raw = await self.client.get(session_key(token))
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            self._local.pop(token, None)
+            return None
+        data = json.loads(raw)
+        if self.local_ttl > 0:
+            if len(self._local) >= self.local_max:
+                self._local.clear()
+            self._local[token] = (now + self.local_ttl, data)
+        return data
 
     async def delete(self, token: str) -> bool:
+        self._local.pop(token, None)
         return bool(await self.client.delete(session_key(token)))
 
 

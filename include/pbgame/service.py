@@ -142,6 +142,8 @@ class Game:
         s = self.settings
         self.redis = connect(s.redis_url)
         self.flag = BackendFlag(self.redis, ttl=s.flag_ttl)
+        await self.redis.ping()  # fail at start, not on the first player, when Redis is unreachable
+        await self.flag.get()
         self.sessions = Sessions(self.redis)
         self.ratelimit = RateLimit(self.redis, {"login": s.login_limit, "write": s.write_limit})
         self.matchmaking = Matchmaking(self.redis)
