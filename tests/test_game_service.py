@@ -91,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
             run = migrate(info["pb_data"], st.pg_url, REDIS_TEST_URL, work_dir=tmp / "work")
             st.schema = run["staging_schema"]
-            env = {"PBG_PG_URL": st.pg_url, "PBG_REDIS_URL": REDIS_TEST_URL, "PBG_SCHEMA": st.schema,
+            env = {"PBG_PG_URL": st.pg_url, "PBG_REDIS_URL": REDIS_TEST_URL, "PBG_SCHEMA": run["target_schema"],
                    "PBG_POCKETBASE_URL": pb.url, "PBG_POCKETBASE_EMAIL": su["email"],
                    "PBG_POCKETBASE_PASSWORD": su["password"], "PBG_FILES_ROOT": str(files),
                    "PBG_FLAG_TTL": "0.2", "PBG_TRUST_PROXY": "1", "PBG_LOGIN_LIMIT": "20"}
@@ -259,7 +259,8 @@ def test_health_metrics_and_redis_hold_no_secret(stack: Stack) -> None:
     assert "$2a$" not in dump and "@example.com" not in dump
 
 
-def test_flipping_the_flag_under_load_fails_no_request(stack: Stack) -> None:
+def test_flipping_the_flag_and_swapping_the_schema_under_load_fail_no_request(stack: Stack) -> None:
+    """The cut-over's two moves under load: the flag flips, and staging is renamed to live."""
     stack.flag("pocketbase")
     heads = [stack.auth(p["email"]) for p in stack.players[8:14]]
     stop = threading.Event()
@@ -285,6 +286,11 @@ def test_flipping_the_flag_under_load_fails_no_request(stack: Stack) -> None:
         for backend in ("shadow", "postgres", "pocketbase", "postgres"):  # cut over, roll back, cut over
             time.sleep(1.0)
             stack.redis.set("pbm:backend", backend)
+        time.sleep(0.5)
+        live = stack.schema.removesuffix("_staging")
+        with psycopg.connect(stack.pg_url, autocommit=True) as conn:  # what cutover.swap does, in one statement
+            conn.execute(f'ALTER SCHEMA "{stack.schema}" RENAME TO "{live}"')
+        stack.schema = live
         time.sleep(1.0)
     finally:
         stop.set()

@@ -300,7 +300,7 @@ def main() -> int:
         n = write_seed(seed, pg_url, schema, cfg["redis_url"], admin.headers["Authorization"],
                        info["player_password"])
         log(f"seed: {n} players, a session each for the returning ones")
-        env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": schema,
+        env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": run["target_schema"],
                "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
             assert pb._proc is not None and svc.proc is not None

@@ -7,16 +7,21 @@ Reads that the cache serves (profiles, leaderboards) return the raw rows the cac
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from pbgame.schema import GameSchema
 from pbmigrate.cache import leaderboard_query, profile_mapping, profile_query
+from pbmigrate.ddl import staging_schema
+
+T = TypeVar("T")
 
 _ID = "abcdefghijklmnopqrstuvwxyz0123456789"
 RATING_STEP = 16.0  # a win adds it, a loss takes it away
@@ -45,19 +50,46 @@ def typed(value: str, pg_type: str | None) -> Any:
 
 
 class PgStore:
-    """Queries built once from the mapping's names, run on a shared async pool."""
+    """Queries built from the mapping's names, run on a shared async pool.
+
+    The schema served is the live one (``game``) if it exists, else its staging schema
+    (``game_staging``, what the shadow period compares before the first cut-over). The cut-over
+    renames staging to live in one transaction: a query that then finds no table re-resolves the
+    schema and runs again, so the swap fails no request.
+    """
 
     def __init__(self, pool: AsyncConnectionPool, schema: str, game: GameSchema) -> None:
         self.pool = pool
+        self.live = schema
         self.schema = schema
         self.game = game
         self.profile_types: dict[str, str] = {}
+        self._lock = asyncio.Lock()
 
     def _t(self, collection: str) -> sql.Composable:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.game.names.table(collection)))
 
     def _c(self, collection: str, fieldname: str) -> sql.Identifier:
         return sql.Identifier(self.game.names.col(collection, fieldname))
+
+    async def resolve(self) -> str:
+        """Pick live or staging (see the class), then build the queries for it."""
+        async with self._lock, self.pool.connection() as conn:
+            cur = await conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                                     ([self.live, staging_schema(self.live)],))
+            found = {r[0] for r in await cur.fetchall()}
+        schema = self.live if self.live in found or not found else staging_schema(self.live)
+        if schema != self.schema or not self.profile_types:
+            self.schema = schema
+            await self.prepare()
+        return self.schema
+
+    async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except psycopg.errors.UndefinedTable:  # staging was just renamed to live, or back
+            await self.resolve()
+            return await fn()
 
     async def prepare(self) -> None:
         """Read the profile columns' types (the cache's text needs them) and build the queries."""
@@ -94,18 +126,27 @@ class PgStore:
         return {"id": player_id, **{k: typed(v, self.profile_types.get(k)) for k, v in row.items() if v != ""}}
 
     async def login_row(self, email: str) -> tuple[str, str] | None:
+        return await self._retry(lambda: self._login_row(email))
+
+    async def _login_row(self, email: str) -> tuple[str, str] | None:
         async with self.pool.connection() as conn:
             cur = await conn.execute(self.q_login, (email,))
             row = await cur.fetchone()
         return None if row is None else (row[0], row[1] or "")
 
     async def profile_row(self, player_id: str) -> dict[str, str] | None:
+        return await self._retry(lambda: self._profile_row(player_id))
+
+    async def _profile_row(self, player_id: str) -> dict[str, str] | None:
         async with self.pool.connection() as conn:
             cur = await conn.execute(self.q_profile, (player_id,))
             row = await cur.fetchone()
         return None if row is None else profile_mapping(self.game.profile, row)
 
     async def board(self, season: str) -> list[tuple[str, float]]:
+        return await self._retry(lambda: self._board(season))
+
+    async def _board(self, season: str) -> list[tuple[str, float]]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(self.q_board, (season,))
             return [(m, v) for _, m, v in await cur.fetchall()]
@@ -117,14 +158,18 @@ class PgStore:
             return list(await cur.fetchall())
 
     async def history(self, player_id: str, limit: int) -> list[dict[str, Any]]:
-        return await self._rows(self.q_history, (player_id, limit))
+        return await self._retry(lambda: self._rows(self.q_history, (player_id, limit)))
 
     async def inventory(self, player_id: str, limit: int) -> list[dict[str, Any]]:
-        return await self._rows(self.q_inventory, (player_id, limit))
+        return await self._retry(lambda: self._rows(self.q_inventory, (player_id, limit)))
 
     async def record_match(self, season: str, mode: str, map_name: str, players: Sequence[str], winner: str,
                            scores: dict[str, float]) -> tuple[str, dict[str, float]]:
         """The game, its sessions, the players' stats and xp in one transaction; new ratings back."""
+        return await self._retry(lambda: self._record_match(season, mode, map_name, players, winner, scores))
+
+    async def _record_match(self, season: str, mode: str, map_name: str, players: Sequence[str], winner: str,
+                            scores: dict[str, float]) -> tuple[str, dict[str, float]]:
         n = self.game.names
         game_id = new_id()
         m, p, s, u = "matches", "participants", "user_stats", "users"

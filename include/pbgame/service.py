@@ -151,7 +151,7 @@ class Game:
                                         kwargs={"autocommit": True})
         await self.pool.open(wait=True, timeout=30)
         self.pg = PgStore(self.pool, s.schema, self.game)
-        await self.pg.prepare()
+        await self.pg.resolve()
         spec = self.game.profile
         self.profiles = Profiles(self.redis, self.pg.profile_row, ttl=spec.ttl, jitter=spec.jitter)
         self.boards = Leaderboards(self.redis, self.pg.board, ttl=self.game.leaderboard.ttl)
