@@ -29,7 +29,7 @@ MIX = dict(
     (k, int(v)) for k, v in (part.split("=") for part in os.environ.get(
         "LT_MIX", "profile_me=3,profile_other=2,leaderboard=3,history=1,inventory=1,match_result=1").split(","))
 )
-THINK = tuple(float(x) for x in os.environ.get("LT_THINK", "5,15").split(","))
+THINK = tuple(float(x) for x in os.environ.get("LT_THINK", "20,40").split(","))
 RATE = float(os.environ.get("LT_RATE", "0"))
 PROFILE_FIELDS = "id,display_name,level,xp,country,avatar"
 RANKED = {season: set(ids) for season, ids in SEED.get("ranked", {}).items()}

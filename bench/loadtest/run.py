@@ -5,8 +5,10 @@
 2. PocketBase serves that data; the service (``python -m pbgame``, flag ``postgres``) serves the
    migrated copy.
 3. Per backend, with the same Locust journeys and mix (`locustfile.py`):
-   - ``USERS`` players (default 10000) with think time, spawned at ``SPAWN_RATE``/s, then held for
-     ``DURATION`` s: p50/p95/p99 and error rate per endpoint and overall;
+   - ``USERS`` players (default 10000) with think time (``THINK``, default 20-40 s between two
+     calls: the game's own server runs the matches, players call this API between them), spawned
+     at ``SPAWN_RATE``/s, then held for ``DURATION`` s: p50/p95/p99 and error rate per endpoint
+     and overall, and the servers' CPU per request;
    - capacity: steps of ``CAPACITY_STEPS`` requests/s, ``DURATION`` s each, until p95 > 100 ms or
      errors >= 0.1 % (or the load generator cannot reach the step's rate); the last good step's
      measured rate is the capacity.
@@ -59,9 +61,10 @@ def config() -> dict[str, Any]:
         "duration": env_int("DURATION", 30),
         "spawn_rate": float(os.environ.get("SPAWN_RATE") or 100),
         "rows": env_int("ROWS", max(20_000, users * 20)),
-        "processes": env_int("PROCESSES", 2),
+        "processes": env_int("PROCESSES", 1),
+        "cooldown": env_int("COOLDOWN", 10),
         "service_workers": env_int("SERVICE_WORKERS", 2),
-        "think": os.environ.get("THINK", "5,15"),
+        "think": os.environ.get("THINK", "20,40"),
         "login_share": float(os.environ.get("LOGIN_SHARE") or 0.05),
         "per_user_rate": float(os.environ.get("PER_USER_RATE") or 5),
         "capacity_steps": [int(x) for x in (os.environ.get("CAPACITY_STEPS")
@@ -134,7 +137,7 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
         cmd += ["--processes", str(cfg["processes"])]
     if reset_stats:
         cmd.append("--reset-stats")
-    cpu0 = cpu.seconds() if cpu else 0.0
+    cpu0 = cpu.seconds() if cpu else {}
     with open(f"{prefix}.log", "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -147,7 +150,9 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
         raise RuntimeError(f"Locust exited with {proc.returncode} (log {prefix}.log)")
     stats = read_stats(prefix)
     if cpu and not reset_stats and stats.get("requests"):
-        stats["server_cpu_ms_per_request"] = round(1000 * (cpu.seconds() - cpu0) / stats["requests"], 3)
+        used = {k: v - cpu0.get(k, 0.0) for k, v in cpu.seconds().items()}
+        stats["server_cpu_ms_per_request"] = round(1000 * sum(used.values()) / stats["requests"], 3)
+        stats["server_cpu_ms_by_process"] = {k: round(1000 * v / stats["requests"], 3) for k, v in used.items()}
     return stats
 
 
@@ -169,6 +174,7 @@ def capacity(cfg: dict, target: str, host: str, seed: Path, out: Path) -> dict[s
     """Step the offered rate up until a step breaks p95 <= 100 ms, errors < 0.1 % or its own rate."""
     steps, best = [], 0.0
     for offered in cfg["capacity_steps"]:
+        time.sleep(cfg["cooldown"])  # let the previous run's backlog drain first
         users = max(1, math.ceil(offered / cfg["per_user_rate"]))
         st = locust(cfg, target=target, host=host, seed=seed, users=users, spawn_rate=max(users / 2, 1),
                     seconds=2 + cfg["duration"], prefix=out / f"{target}_step_{offered}",
@@ -191,30 +197,36 @@ class ServerCpu:
     stack: the service's processes, the PostgreSQL backends of the load test's database and
     redis-server (shared with whatever else uses that Redis, so an upper bound)."""
 
-    def __init__(self, pids: list[int], database: str | None = None) -> None:
+    def __init__(self, name: str, pids: list[int], database: str | None = None) -> None:
+        self.name = name
         self.pids = pids
         self.database = database
 
-    def _procs(self) -> list[psutil.Process]:
-        procs: list[psutil.Process] = []
+    def _procs(self) -> dict[str, list[psutil.Process]]:
+        procs: dict[str, list[psutil.Process]] = {self.name: []}
         for pid in self.pids:
             with contextlib.suppress(psutil.Error):
                 p = psutil.Process(pid)
-                procs += [p, *p.children(recursive=True)]
+                procs[self.name] += [p, *p.children(recursive=True)]
         if self.database:
-            for p in psutil.process_iter(["name", "cmdline"]):
+            procs["postgres"], procs["redis"] = [], []
+            for p in psutil.process_iter(["cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("redis-server") or (cmd.startswith("postgres:") and f" {self.database} " in cmd):
-                    procs.append(p)
+                if cmd.startswith("redis-server"):
+                    procs["redis"].append(p)
+                elif cmd.startswith("postgres:") and f" {self.database} " in cmd:
+                    procs["postgres"].append(p)
         return procs
 
-    def seconds(self) -> float:
-        total = 0.0
-        for p in self._procs():
-            with contextlib.suppress(psutil.Error):
-                ct = p.cpu_times()
-                total += ct.user + ct.system
-        return total
+    def seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part, procs in self._procs().items():
+            out[part] = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    ct = p.cpu_times()
+                    out[part] += ct.user + ct.system
+        return out
 
 
 # ---------------------------------------------------------------------- the stack
@@ -304,16 +316,18 @@ def main() -> int:
                "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
             assert pb._proc is not None and svc.proc is not None
-            hosts = {"pocketbase": ("pocketbase", pb.url, ServerCpu([pb._proc.pid])),
-                     "postgres": ("service", svc.url, ServerCpu([svc.proc.pid], cfg["database"]))}
+            hosts = {"pocketbase": ("pocketbase", pb.url, ServerCpu("pocketbase", [pb._proc.pid])),
+                     "postgres": ("service", svc.url, ServerCpu("service", [svc.proc.pid], cfg["database"]))}
             for backend in cfg["backends"]:
                 target, host, cpu = hosts[backend]
+                time.sleep(cfg["cooldown"])
                 players = players_run(cfg, target, host, seed, out, cpu)
                 cap = capacity(cfg, target, host, seed, out)
                 result[backend] = {"capacity_rps": cap["capacity_rps"], "capacity_steps": cap["steps"],
                                    "players": players, **{k: players[k] for k in (
                                        "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate")},
                                    "server_cpu_ms_per_request": players.get("server_cpu_ms_per_request"),
+                                   "server_cpu_ms_by_process": players.get("server_cpu_ms_by_process"),
                                    "endpoints": players["endpoints"]}
                 log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
                     f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
