@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ import psycopg
 import redis
 
 from pbgame.cache import SessionStore
-from pbgame.testbed import GameServer, migrate
+from pbgame.testbed import GameServer, free_port, migrate
 from pbmigrate.pbserver import PocketBaseServer
 from pbmigrate.sample import build_sample
 
@@ -73,7 +74,7 @@ def config() -> dict[str, Any]:
                                       "match_result=1"),
         "pg_admin_url": os.environ.get("LT_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         "database": os.environ.get("LT_DATABASE", "pbm_loadtest"),
-        "redis_url": os.environ.get("LT_REDIS_URL", "redis://127.0.0.1:6379/11"),
+        "redis_url": os.environ.get("LT_REDIS_URL", ""),  # empty: a private redis-server on a free port
         "out": Path(os.environ.get("OUT") or ROOT / "bench" / "out" / "loadtest"),
         "backends": (os.environ.get("BACKENDS") or "pocketbase,postgres").split(","),
     }
@@ -195,12 +196,13 @@ class ServerCpu:
     """CPU seconds the servers of one backend spend: a cost per request that CPU noise from other
     work on the machine does not change much (latency does). PocketBase: its process. The new
     stack: the service's processes, the PostgreSQL backends of the load test's database and
-    redis-server (shared with whatever else uses that Redis, so an upper bound)."""
+    the load test's own redis-server (a shared one, if LT_REDIS_URL names it, is an upper bound)."""
 
-    def __init__(self, name: str, pids: list[int], database: str | None = None) -> None:
+    def __init__(self, name: str, pids: list[int], database: str | None = None, redis_pid: int | None = None) -> None:
         self.name = name
         self.pids = pids
         self.database = database
+        self.redis_pid = redis_pid
 
     def _procs(self) -> dict[str, list[psutil.Process]]:
         procs: dict[str, list[psutil.Process]] = {self.name: []}
@@ -212,7 +214,7 @@ class ServerCpu:
             procs["postgres"], procs["redis"] = [], []
             for p in psutil.process_iter(["cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("redis-server"):
+                if (p.pid == self.redis_pid) if self.redis_pid else cmd.startswith("redis-server"):
                     procs["redis"].append(p)
                 elif cmd.startswith("postgres:") and f" {self.database} " in cmd:
                     procs["postgres"].append(p)
@@ -230,6 +232,38 @@ class ServerCpu:
 
 
 # ---------------------------------------------------------------------- the stack
+
+
+@contextlib.contextmanager
+def private_redis(work: Path) -> Iterator[tuple[str, int]]:
+    """A redis-server of our own on 127.0.0.1:<free port>, no persistence, stopped by its pid.
+
+    The shared Redis is flushed by other test runs now and then (sessions vanished mid-run once),
+    and its CPU is shared: a private one holds the load test's keys and nothing else's CPU."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(work), "--logfile", str(work / "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def fresh_database(cfg: dict) -> str:
@@ -297,6 +331,31 @@ def main() -> int:
     t = time.monotonic()
     info = build_sample(work / "sample", rows=cfg["rows"], api_users=4)
     log(f"sample: {info['rows']} rows, {info['counts']['users']} players ({time.monotonic() - t:.0f} s)")
+    with contextlib.ExitStack() as stack:
+        redis_pid = None
+        if not cfg["redis_url"]:
+            cfg["redis_url"], redis_pid = stack.enter_context(private_redis(work))
+        try:
+            run_backends(cfg, info, out, work, result, redis_pid)
+        finally:
+            if not os.environ.get("KEEP_DB"):
+                with psycopg.connect(cfg["pg_admin_url"], autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{cfg["database"]}" WITH (FORCE)')
+    pbc = result.get("pocketbase", {}).get("capacity_rps")
+    pgc = result.get("postgres", {}).get("capacity_rps")
+    result["improvement"] = round(pgc / pbc, 2) if pbc and pgc else None
+    shutil.rmtree(work / "sample", ignore_errors=True)
+    shutil.rmtree(work / "migrate", ignore_errors=True)
+    report_html(out / "report.html", result)
+    path = out / "loadtest.json"
+    path.write_text(json.dumps(result, indent=2))
+    log(f"improvement {result['improvement']}; HTML {out / 'report.html'}")
+    print(path)
+    return 0
+
+
+def run_backends(cfg: dict, info: dict, out: Path, work: Path, result: dict, redis_pid: int | None) -> None:
+    """Migrate, start PocketBase and the service, and measure each backend in turn."""
     pg_url = fresh_database(cfg)
     redis.Redis.from_url(cfg["redis_url"]).flushdb()
     t = time.monotonic()
@@ -317,7 +376,8 @@ def main() -> int:
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
             assert pb._proc is not None and svc.proc is not None
             hosts = {"pocketbase": ("pocketbase", pb.url, ServerCpu("pocketbase", [pb._proc.pid])),
-                     "postgres": ("service", svc.url, ServerCpu("service", [svc.proc.pid], cfg["database"]))}
+                     "postgres": ("service", svc.url, ServerCpu("service", [svc.proc.pid], cfg["database"],
+                                                               redis_pid))}
             for backend in cfg["backends"]:
                 target, host, cpu = hosts[backend]
                 time.sleep(cfg["cooldown"])
@@ -332,20 +392,6 @@ def main() -> int:
                 log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
                     f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
                     f"capacity {cap['capacity_rps']} rps")
-    pbc = result.get("pocketbase", {}).get("capacity_rps")
-    pgc = result.get("postgres", {}).get("capacity_rps")
-    result["improvement"] = round(pgc / pbc, 2) if pbc and pgc else None
-    if not os.environ.get("KEEP_DB"):
-        with psycopg.connect(cfg["pg_admin_url"], autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{cfg["database"]}" WITH (FORCE)')
-    shutil.rmtree(work / "sample", ignore_errors=True)
-    shutil.rmtree(work / "migrate", ignore_errors=True)
-    report_html(out / "report.html", result)
-    path = out / "loadtest.json"
-    path.write_text(json.dumps(result, indent=2))
-    log(f"improvement {result['improvement']}; HTML {out / 'report.html'}")
-    print(path)
-    return 0
 
 
 if __name__ == "__main__":
