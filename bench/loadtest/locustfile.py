@@ -144,11 +144,12 @@ class ServicePlayer(Player):
 
     def login(self) -> None:
         self.auth = {"X-Forwarded-For": self.ip}
-        token = SEED.get("sessions", {}).get(self.me["id"])
+        token = SEED.get("sessions", {}).get(self.me["id"], "")
         if self.fresh_login or not token:
             with self.client.post("/api/login", name="login", headers=self.auth, catch_response=True,
                                   json={"email": self.me["email"], "password": SEED["password"]}) as resp:
-                token = resp.json()["token"] if resp.status_code == 200 else ""
+                if resp.status_code == 200:  # a failed login is counted; the player goes on with the
+                    token = resp.json()["token"]  # session it had, as the PocketBase player goes on
         self.auth = {"X-Forwarded-For": self.ip, "Authorization": f"Bearer {token}"}
 
     @task(MIX.get("profile_me", 0))
