@@ -305,3 +305,16 @@ def test_flipping_the_flag_and_swapping_the_schema_under_load_fail_no_request(st
 
     for backend in ("pocketbase", "shadow", "postgres"):
         assert served(after, backend) > served(before, backend), backend
+
+
+def test_the_application_and_the_engine_stay_apart() -> None:
+    """The game server needs no Airflow; the engine (what Airflow runs) needs no pbgame."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pbgame.service, pbgame.testbed; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'airflow'], 'airflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    code = ("import sys, pbmigrate.pipeline, pbmigrate.warmup, pbmigrate.cutover, pbmigrate.cache; "
+            "assert 'pbgame' not in sys.modules, 'the engine imported pbgame'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -69,7 +69,7 @@ def config() -> dict[str, Any]:
         "login_share": float(os.environ.get("LOGIN_SHARE") or 0.05),
         "per_user_rate": float(os.environ.get("PER_USER_RATE") or 5),
         "capacity_steps": [int(x) for x in (os.environ.get("CAPACITY_STEPS")
-                                            or "250,500,1000,1500,2000,3000,4000").split(",") if x],
+                                            or "100,250,500,750,1000,1500,2000,3000").split(",") if x],
         "mix": os.environ.get("MIX", "profile_me=3,profile_other=2,leaderboard=3,history=1,inventory=1,"
                                       "match_result=1"),
         "pg_admin_url": os.environ.get("LT_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
