@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv services demo test lint bench clean
+.PHONY: venv services demo test lint bench loadtest clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: venv services
 	$(PY) bench/validate.py
 	$(PY) bench/resync.py
 	$(PY) bench/cache_warmup.py
+
+# PocketBase against the game service on the migrated PostgreSQL + Redis, in one command (USERS,
+# DURATION, SPAWN_RATE...: see bench/loadtest/run.py); prints the JSON report's path last.
+loadtest: venv services
+	$(PY) bench/loadtest/run.py
 
 clean:
 	rm -rf .cache demo_out bench/out airflow_home

@@ -17,18 +17,20 @@ import psycopg
 import pytest
 from redis.crc import key_slot as redis_key_slot
 
-from pbmigrate.cache import (
-    BACKEND_FLAG_KEY,
-    MATCHMAKING_KEY,
+from pbgame.cache import (
     GameStateStore,
     Leaderboard,
     MatchmakingQueue,
     PostgresLeaderboards,
     PostgresProfiles,
     ProfileCache,
-    ProfileSpec,
     RateLimiter,
     SessionStore,
+)
+from pbmigrate.cache import (
+    BACKEND_FLAG_KEY,
+    MATCHMAKING_KEY,
+    ProfileSpec,
     colocated_key,
     game_state_key,
     get_backend,
@@ -132,6 +134,8 @@ def test_backend_flag(rclient: RedisClient) -> None:
     assert set_backend(rclient, "postgres") is None
     assert set_backend(rclient, "postgres") == "postgres"
     assert get_backend(rclient) == "postgres"
+    assert set_backend(rclient, "shadow") == "postgres"  # the application's shadow period
+    assert get_backend(rclient) == "shadow"
     assert rclient.ttl(BACKEND_FLAG_KEY) == -1
     with pytest.raises(ValueError):
         set_backend(rclient, "mysql")

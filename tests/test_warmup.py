@@ -300,7 +300,8 @@ def test_warm_up_and_cache_aside_write_the_same_text(
     rclient: RedisClient, pg: psycopg.Connection, schema: str
 ) -> None:
     """Both paths share one query, so a profile looks the same whoever cached it."""
-    from pbmigrate.cache import PostgresProfiles, ProfileCache, ProfileSpec
+    from pbgame.cache import PostgresProfiles, ProfileCache
+    from pbmigrate.cache import ProfileSpec
 
     pg.execute(
         f"""CREATE TABLE IF NOT EXISTS {schema}.typed (id text PRIMARY KEY, nick varchar(20), active boolean,

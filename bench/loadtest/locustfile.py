@@ -1,0 +1,177 @@
+"""The player journeys as Locust users: one against PocketBase's REST API, one against the game service.
+
+Both do the same thing on the same data with the same mix (``LT_MIX``; by default mostly profile
+and leaderboard reads, about one write in ten). Run by `bench/loadtest/run.py`, which writes the
+seed file (``LT_SEED``): the players, the seasons, the PocketBase game-server token, and the
+sessions of returning players.
+
+Logins: bcrypt costs tens of milliseconds of CPU on either side, so a share of the players
+(``LT_LOGIN_SHARE``) log in with their password when they arrive, spread over the ramp, and the
+others are returning players whose 24 h session is still valid (PocketBase: the game server's
+token; the service: a ``session:{token}`` made by the runner, as an earlier login would have).
+Think time: ``LT_THINK`` "min,max" seconds; ``LT_RATE`` (requests/s per player) replaces it for
+the capacity steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from locust import between, constant_throughput, task
+from locust.contrib.fasthttp import FastHttpUser
+
+SEED = json.loads(open(os.environ["LT_SEED"]).read()) if os.environ.get("LT_SEED") else {}  # noqa: SIM115
+TARGET = os.environ.get("LT_TARGET", "service")  # "pocketbase" or "service"
+LOGIN_SHARE = float(os.environ.get("LT_LOGIN_SHARE", "0.05"))
+MIX = dict(
+    (k, int(v)) for k, v in (part.split("=") for part in os.environ.get(
+        "LT_MIX", "profile_me=3,profile_other=2,leaderboard=3,history=1,inventory=1,match_result=1").split(","))
+)
+THINK = tuple(float(x) for x in os.environ.get("LT_THINK", "20,40").split(","))
+RATE = float(os.environ.get("LT_RATE", "0"))
+PROFILE_FIELDS = "id,display_name,level,xp,country,avatar"
+RANKED = {season: set(ids) for season, ids in SEED.get("ranked", {}).items()}
+
+
+def _wait():
+    return constant_throughput(RATE) if RATE > 0 else between(*THINK)
+
+
+class Player(FastHttpUser):
+    """A simulated player; subclasses say how each journey is asked for."""
+
+    abstract = True
+    wait_time = _wait()
+    connection_timeout = 10.0
+    network_timeout = 15.0
+
+    def on_start(self) -> None:
+        players = SEED["players"]
+        self.me = random.choice(players)
+        self.ip = f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+        # A season this player has stats in, and opponents who have too: PocketBase has no upsert, so
+        # a match between players without stats would race to create the same (user, season) row.
+        mine = [s for s, ids in SEED["ranked"].items() if self.me["id"] in RANKED[s]]
+        self.season = random.choice(mine or SEED["seasons"])
+        self.fresh_login = random.random() < LOGIN_SHARE
+        self.login()
+
+    def other(self) -> str:
+        return random.choice(SEED["players"])["id"]
+
+    def match_body(self) -> dict:
+        me, pool = self.me["id"], SEED["ranked"].get(self.season) or [p["id"] for p in SEED["players"]]
+        other = random.choice(pool)
+        while other == me:
+            other = random.choice(pool)
+        winner = random.choice((me, other))
+        return {"season": self.season, "mode": "ranked", "map": "Old Quarter", "players": [me, other],
+                "winner": winner, "scores": {me: round(random.uniform(0, 5000), 2),
+                                             other: round(random.uniform(0, 5000), 2)}}
+
+
+class PocketBasePlayer(Player):
+    """The game today: PocketBase's REST API, reads as the game server (superuser rules)."""
+
+    abstract = TARGET != "pocketbase"
+
+    def login(self) -> None:
+        self.auth = {"Authorization": SEED["pb_token"]}
+        if self.fresh_login:
+            self.client.post("/api/collections/users/auth-with-password", name="login",
+                             json={"identity": self.me["email"], "password": SEED["password"]})
+
+    def _get(self, path: str, name: str, **params) -> None:
+        self.client.get(path, params=params, headers=self.auth, name=name)
+
+    @task(MIX.get("profile_me", 0))
+    def profile_me(self) -> None:
+        self._get(f"/api/collections/users/records/{self.me['id']}", "profile_me", fields=PROFILE_FIELDS)
+
+    @task(MIX.get("profile_other", 0))
+    def profile_other(self) -> None:
+        self._get(f"/api/collections/users/records/{self.other()}", "profile_other", fields=PROFILE_FIELDS)
+
+    @task(MIX.get("leaderboard", 0))
+    def leaderboard(self) -> None:  # the game's own leaderboard collection, indexed (season, rank)
+        self._get("/api/collections/leaderboard/records", "leaderboard", filter=f"season='{self.season}'",
+                  sort="rank", perPage=10, skipTotal=1, fields="user,rank,rating")
+
+    @task(MIX.get("history", 0))
+    def history(self) -> None:
+        self._get("/api/collections/participants/records", "history", filter=f"user='{self.me['id']}'",
+                  sort="-created,-id", perPage=20, skipTotal=1, fields="id,match,team,score,placement,created")
+
+    @task(MIX.get("inventory", 0))
+    def inventory(self) -> None:
+        self._get("/api/collections/inventory/records", "inventory", filter=f"user='{self.me['id']}'",
+                  sort="id", perPage=100, skipTotal=1, fields="id,item,quantity,equipped,attributes,acquired")
+
+    @task(MIX.get("match_result", 0))
+    def match_result(self) -> None:
+        """What the service's PocketBase side does: read the two stats rows, then one batch."""
+        body = self.match_body()
+        who = " || ".join(f"user='{p}'" for p in body["players"])
+        with self.client.get("/api/collections/user_stats/records", headers=self.auth, name="match_result_lookup",
+                             params={"filter": f"season='{self.season}' && ({who})", "fields": "id,user,rating",
+                                     "skipTotal": 1}, catch_response=True) as resp:
+            stats = {it["user"]: it["id"] for it in resp.json()["items"]} if resp.status_code == 200 else {}
+        game_id = "".join(random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(15))
+        reqs = [{"method": "POST", "url": "/api/collections/matches/records", "body": {
+            "id": game_id, "season": self.season, "mode": "ranked", "status": "finished", "map": body["map"],
+            "players": body["players"], "winner": body["winner"]}}]
+        for i, pid in enumerate(body["players"]):
+            won = pid == body["winner"]
+            reqs.append({"method": "POST", "url": "/api/collections/participants/records", "body": {
+                "match": game_id, "user": pid, "team": 1 + i, "score": body["scores"][pid], "placement": 1 + i}})
+            if pid in stats:
+                reqs.append({"method": "PATCH", "url": f"/api/collections/user_stats/records/{stats[pid]}", "body": {
+                    "games_played+": 1, "wins+": int(won), "losses+": int(not won), "rating+": 16 if won else -16}})
+            else:
+                reqs.append({"method": "POST", "url": "/api/collections/user_stats/records", "body": {
+                    "user": pid, "season": self.season, "games_played": 1, "wins": int(won),
+                    "losses": int(not won), "rating": 1016 if won else 984}})
+            reqs.append({"method": "PATCH", "url": f"/api/collections/users/records/{pid}", "body": {"xp+": 10}})
+        self.client.post("/api/batch", json={"requests": reqs}, headers=self.auth, name="match_result")
+
+
+class ServicePlayer(Player):
+    """The game on the service (the flag says which backend serves it)."""
+
+    abstract = TARGET != "service"
+
+    def login(self) -> None:
+        self.auth = {"X-Forwarded-For": self.ip}
+        token = SEED.get("sessions", {}).get(self.me["id"], "")
+        if self.fresh_login or not token:
+            with self.client.post("/api/login", name="login", headers=self.auth, catch_response=True,
+                                  json={"email": self.me["email"], "password": SEED["password"]}) as resp:
+                if resp.status_code == 200:  # a failed login is counted; the player goes on with the
+                    token = resp.json()["token"]  # session it had, as the PocketBase player goes on
+        self.auth = {"X-Forwarded-For": self.ip, "Authorization": f"Bearer {token}"}
+
+    @task(MIX.get("profile_me", 0))
+    def profile_me(self) -> None:
+        self.client.get("/api/players/me", headers=self.auth, name="profile_me")
+
+    @task(MIX.get("profile_other", 0))
+    def profile_other(self) -> None:
+        self.client.get(f"/api/players/{self.other()}", headers=self.auth, name="profile_other")
+
+    @task(MIX.get("leaderboard", 0))
+    def leaderboard(self) -> None:
+        self.client.get(f"/api/leaderboards/{self.season}?limit=10", headers=self.auth, name="leaderboard")
+
+    @task(MIX.get("history", 0))
+    def history(self) -> None:
+        self.client.get("/api/players/me/matches?limit=20", headers=self.auth, name="history")
+
+    @task(MIX.get("inventory", 0))
+    def inventory(self) -> None:
+        self.client.get("/api/players/me/inventory?limit=100", headers=self.auth, name="inventory")
+
+    @task(MIX.get("match_result", 0))
+    def match_result(self) -> None:
+        self.client.post("/api/matches", json=self.match_body(), headers=self.auth, name="match_result")
