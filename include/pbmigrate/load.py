@@ -9,6 +9,7 @@ or lose a row.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -18,11 +19,13 @@ from typing import Any
 import psycopg
 
 from pbmigrate import checksum, fused, pgcopy
+from pbmigrate.columnar.batch import copy_batch
 from pbmigrate.convert import Reject, multi
 from pbmigrate.plan import Table, qi
 from pbmigrate.sources import Source
 
 log = logging.getLogger(__name__)
+PATH_ENV = "PBM_BATCH_PATH"  # "columnar" (Arrow batches, the default) or "rows" (the per-row loop)
 SPOOL_BYTES = 32 * 1024 * 1024  # junction rows beyond this spill to disk: bounded memory
 
 
@@ -52,6 +55,10 @@ class BatchResult:
         return (f"{self.collection} -> {self.table} [{self.lo}..{self.hi}]: read {self.rows_read:,}, "
                 f"loaded {self.rows_loaded:,}, rejected {self.rows_rejected:,}, "
                 f"junction rows {self.junction_rows:,}; {state}")
+
+
+def columnar_path() -> bool:
+    return os.environ.get(PATH_ENV, "columnar") != "rows"
 
 
 def _reject_all(row: tuple, table: Table, convs: list) -> list[tuple[str, str]]:
@@ -108,10 +115,14 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
         for spool in spools.values():
             stack.callback(spool.close)
         clear_range(conn, schema, table, run_id, lo, hi)
-        read, loaded, total, junction_rows, rejects = _copy_rows(conn, source, table, schema, lo, hi,
-                                                                 has_secrets, spools)
-        for j in table.junctions:
-            spools[j.table].copy_to(conn, schema, j)
+        if columnar_path():
+            read, loaded, total, junction_rows, rejects = copy_batch(conn, source, table, schema, lo, hi,
+                                                                     has_secrets)
+        else:
+            read, loaded, total, junction_rows, rejects = _copy_rows(conn, source, table, schema, lo, hi,
+                                                                     has_secrets, spools)
+            for j in table.junctions:
+                spools[j.table].copy_to(conn, schema, j)
         _record_rejects(conn, run_id, coll.name, lo, rejects)
         result = BatchResult(coll.name, table.name, lo, hi, read, loaded, read - loaded, junction_rows,
                              checksum.as_hex(total), time.monotonic() - started)
