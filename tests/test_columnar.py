@@ -148,3 +148,32 @@ def test_columnar_agrees_with_the_converters_reading_sqlite(fixture_plan, tmp_pa
         assert odd_seen > 100  # the storage-class check really sent rows to the per-row path
     finally:
         hostile.close()
+
+
+JSON_VALUES = [
+    '{"b":1,"aa":[1.50,2e3,-0.0,1E-7],"a":"x\\u00e9\\n\\"\\u001f","a":"dup"}', '"hello"', "true", "false", "[]",
+    "{}", '{"k": [1, 2, {"z": null}], "s": "x"}', "[\r\n  1,\r\n  2\r\n]", "1e400", "null", "",
+    '{"ü": 1, "zz": 2, "é": 3}',
+    '{"rarity":"rare","power":12,"enchant":{"name":"fire","level":3}}', "-0", "12345678901234567890123", "NaN",
+    '{"a": Infinity}', '{"k":"x\\u0000y"}', '{"a":', '"\\ud83d\\ude00"', '{"":1,"a":{"":[]}}', '"tab\\there"', "[1,]",
+]
+
+
+def test_jsonb_text_fast_path_is_exactly_the_converter(pg) -> None:
+    from pbmigrate.catalog import Field
+    from pbmigrate.columnar.vector import jsonb_text
+    from pbmigrate.convert import json_value
+
+    conv = json_value(Field("j", "json"))
+    for raw in JSON_VALUES:
+        try:
+            expected = ("ok", conv(raw))
+        except Reject as r:
+            expected = ("reject", r.reason)
+        try:
+            got = ("ok", jsonb_text(raw, conv))
+        except Reject as r:
+            got = ("reject", r.reason)
+        assert got == expected, raw
+        if got[0] == "ok" and got[1] is not None:
+            assert pg.execute("SELECT %s::jsonb::text", (raw,)).fetchone()[0] == got[1]

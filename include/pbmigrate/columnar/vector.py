@@ -8,7 +8,9 @@ functions need only be exact on the values they accept; that is what the agreeme
 
 from __future__ import annotations
 
+import json as pyjson
 from dataclasses import dataclass
+from decimal import Decimal
 
 import duckdb
 import numpy as np
@@ -121,14 +123,48 @@ def multi(arr: pa.Array, f: Field) -> Converted:
     return Converted(lists, bad, canon)
 
 
+def _jsonb_key(item: tuple[str, object]) -> tuple[int, bytes]:
+    b = item[0].encode("utf-8")
+    return (len(b), b)
+
+
+def _jsonb_object(pairs: list[tuple[str, object]]) -> dict:
+    """An object in jsonb's key order (shorter keys first, then bytes); the last duplicate wins."""
+    return dict(sorted(dict(pairs).items(), key=_jsonb_key))
+
+
+def _no_constant(token: str) -> object:
+    raise ValueError(f"{token} is not JSON")
+
+
+_JSON_FAST = pyjson.JSONDecoder(object_pairs_hook=_jsonb_object, parse_float=Decimal, parse_constant=_no_constant)
+_DUMP_FAST = pyjson.JSONEncoder(ensure_ascii=False, separators=(", ", ": "), allow_nan=False)
+
+
+def jsonb_text(raw: str | None, conv) -> str | None:
+    """jsonb's canonical text of one json field value: parsed with keys already in jsonb's order
+    and printed by the C encoder. Anything unusual (numbers with a fraction or an exponent, which
+    must keep their digits; values `conv` may reject) is left to `conv`, `convert.json_value`."""
+    if raw is None or raw == "" or raw == "null":
+        return None
+    try:
+        obj = _JSON_FAST.decode(raw)
+        out = _DUMP_FAST.encode(obj)
+    except (ValueError, TypeError):
+        return conv(raw)
+    if "\\u0000" in out:
+        return conv(raw)
+    return out
+
+
 def json(arr: pa.Array, f: Field) -> Converted:
-    """Each distinct text once through `convert.json_value` (jsonb's exact canonical text)."""
+    """Each distinct text once to jsonb's exact canonical text (`jsonb_text`)."""
     conv = json_value(f)
     enc = arr.dictionary_encode()
     out, bad_codes = [], []
     for code, raw in enumerate(enc.dictionary.to_pylist()):
         try:
-            out.append(conv(raw))
+            out.append(jsonb_text(raw, conv))
         except Reject:
             out.append(None)
             bad_codes.append(code)
