@@ -3,8 +3,11 @@ alongside. `load.load_batch` wraps it in the batch's transaction."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 import psycopg
@@ -17,6 +20,8 @@ from pbmigrate.columnar.read import Chunk, chunks, fields_read
 from pbmigrate.convert import Converter, Reject, multi
 from pbmigrate.plan import Junction, Table, pg_type, qi
 from pbmigrate.sources import Source
+
+SPOOL_BYTES = 32 * 1024 * 1024  # junction rows past this wait on disk: memory stays bounded
 
 
 @dataclass
@@ -149,8 +154,8 @@ def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: s
         pgcopy.register(conn)
     read = loaded = total = junction_count = 0
     rejects: list[tuple[str, str, str]] = []
-    pending: list[list[tuple[pa.Array, pa.Array, pa.Array]]] = [[] for _ in table.junctions]
-    with conn.cursor() as cur:
+    with ExitStack() as stack, conn.cursor() as cur:
+        spools = [stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES)) for _ in table.junctions]
         copy_sql = pgcopy.copy_sql(schema, table, binary or pgcopy.can_use_binary(table))
         with cur.copy(copy_sql) as copy:
             if binary:
@@ -170,25 +175,27 @@ def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: s
                 else:
                     for row in _python_rows(part):
                         copy.write_row(row)
-                for k, (targets, _) in enumerate(part.junctions):
+                for spool, (targets, _) in zip(spools, part.junctions):
                     exploded = junction_rows(part.columns[0], targets)
                     junction_count += len(exploded[0])
                     if len(exploded[0]):
-                        pending[k].append(exploded)
+                        spool.write(pgbinary.rows(list(exploded), ["text", "text", "integer"]))
             if binary:
                 copy.write(pgbinary.TRAILER)
-        for j, parts in zip(table.junctions, pending):
-            _copy_junction(cur, schema, j, parts)
+        for j, spool in zip(table.junctions, spools):
+            _copy_junction(cur, schema, j, spool)
     return read, loaded, total, junction_count, rejects
 
 
-def _copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, parts: list) -> None:
-    """A junction table's rows, after the owner table's COPY (one COPY at a time per connection)."""
-    if not parts:
+def _copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes]) -> None:
+    """A junction table's rows, after the owner table's COPY (one COPY at a time per connection):
+    spooled as binary COPY rows meanwhile, in memory up to SPOOL_BYTES, then on disk."""
+    if not spool.tell():
         return
+    spool.seek(0)
     sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN (FORMAT BINARY)"
     with cur.copy(sql) as copy:
         copy.write(pgbinary.HEADER)
-        for owners, targets, position in parts:
-            copy.write(pgbinary.rows([owners, targets, position], ["text", "text", "integer"]))
+        while block := spool.read(1 << 20):
+            copy.write(block)
         copy.write(pgbinary.TRAILER)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import quote
 
 import pyarrow as pa
 
 from pbmigrate.catalog import Field
 from pbmigrate.plan import Table
+from pbmigrate.snapshot import readonly_uri
 from pbmigrate.sources import Source
 from pbmigrate.sources.sqlite import SCAN_SHARE, SqliteSource, _range, qi, select_sql
 
-CHUNK_ROWS = 32_768  # rows per record batch: memory is bounded by this, not by the batch
+CHUNK_ROWS = 16_384  # rows per record batch: memory is bounded by this, not by the batch
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -102,9 +102,10 @@ def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_ro
             return [source.conn.execute(raw_sql, (rowids[i].as_py(),)).fetchone() for i in indices]
         return raw
 
-    conn = adbc.connect(f"file:{quote(source.path)}?mode=ro")
+    conn = adbc.connect(readonly_uri(source.path))  # readonly_shm beside a live server, as sqlite3
     try:
         cur = conn.cursor()
+        cur.execute("PRAGMA query_only = ON")
         cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(chunk_rows)})
         cur.execute(sql, args)
         for rb in cur.fetch_record_batch():
