@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pbmigrate import checksum
-from pbmigrate.columnar.batch import Converter_, reject_all
+from pbmigrate.columnar.batch import TableConverter, reject_all
 from pbmigrate.columnar.read import sqlite_chunks, tuple_chunks
 from pbmigrate.convert import Reject, multi
 from pbmigrate.mapping import load_mapping
@@ -62,7 +62,7 @@ VECTOR_ROWS = Counter()  # rows converted without the per-row path, per test
 
 
 def _columnar(table: Table, chunks) -> tuple[Counter, int, Counter]:
-    work = Converter_(table, True)
+    work = TableConverter(table, True)
     good, rejects, total = Counter(), Counter(), 0
     for chunk in chunks:
         part = work.part(chunk)

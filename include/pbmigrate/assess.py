@@ -40,10 +40,10 @@ def _add(bucket: dict, key: str, rid: str) -> None:
 def bad_values(source: Source, table: Table) -> dict[str, dict]:
     """{"field: reason kind": {count, examples}} from the loader's own column converters (and, for
     the rows they send back, its per-row ones): a scan on the load's columnar machinery."""
-    from pbmigrate.columnar.batch import Converter_
+    from pbmigrate.columnar.batch import TableConverter
     from pbmigrate.columnar.read import chunks
 
-    work = Converter_(table, source.has_secrets)
+    work = TableConverter(table, source.has_secrets)
     rejects: list[tuple[str, str, str]] = []
     for chunk in chunks(source, table, None, None):
         rejects.extend(work.part(chunk).rejects)

@@ -56,7 +56,7 @@ def reject_all(row: tuple, table: Table, convs: list[Converter]) -> list[tuple[s
     return problems or [("?", "row failed to convert")]
 
 
-class Converter_:
+class TableConverter:
     """The converters of one table, vector and per-row, built once per batch."""
 
     def __init__(self, table: Table, has_secrets: bool):
@@ -147,7 +147,7 @@ def junction_rows(owners: pa.Array, targets: pa.Array) -> tuple[pa.Array, pa.Arr
 def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: str, lo: str, hi: str,
                has_secrets: bool) -> tuple[int, int, int, int, list]:
     """COPY the range's rows and its junction rows; (read, loaded, checksum sum, junction rows, rejects)."""
-    work = Converter_(table, has_secrets)
+    work = TableConverter(table, has_secrets)
     binary = vector_binary(table)
     types = [c.type for c in table.columns]
     if not binary and pgcopy.can_use_binary(table):
