@@ -32,7 +32,11 @@ def _migrate(pg_url: str, pb_data: Path, target: str, orphans: str) -> dict:
     pipeline.create_schema(run, pg_url)
     batches = pipeline.plan_batches(run)
     sizes = [b["rows"] for b in batches]
-    assert sizes == sorted(sizes, reverse=True) and 1 in sizes  # largest first, for the scheduler
+    assert sizes == sorted(sizes, reverse=True)  # largest first, for the scheduler
+    assert len(batches) == pipeline.LOAD_SLOTS * pipeline.UNITS_PER_SLOT  # ranges packed into a few tasks
+    ranges = [r for b in batches for r in b["ranges"]]
+    assert len(ranges) > len(batches) and 1 in [r["rows"] for r in ranges]
+    assert sum(sizes) == sum(r["rows"] for r in ranges) and max(sizes) - min(sizes) <= max(r["rows"] for r in ranges)
     for batch in batches:
         pipeline.run_batch(run, batch, pg_url)
     run["finalize"] = pipeline.finalize_run(run, pg_url)

@@ -1,8 +1,9 @@
 """Pre-migration assessment: what will move, what will be renamed, rejected or left behind.
 
-It runs the loader's own converters over every row, so "will not convert" here means exactly
-what the load will reject. Relations and unique indexes are checked with SQL on the snapshot
-(API mode: dangling relations are checked in Python; duplicates are left to the load).
+It runs the loader's own converters over every row (the columnar batch path, as a scan), so
+"will not convert" here means exactly what the load will reject. Relations and unique indexes
+are checked with SQL on the snapshot (API mode: dangling relations are checked in Python;
+duplicates are left to the load).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 from typing import Any
 
 from pbmigrate.catalog import Catalog, Collection
-from pbmigrate.convert import Reject
 from pbmigrate.mapping import Mapping
 from pbmigrate.plan import _INDEX_RE, Plan, Table, build_plan
 from pbmigrate.sources import Source
@@ -38,19 +38,18 @@ def _add(bucket: dict, key: str, rid: str) -> None:
 
 
 def bad_values(source: Source, table: Table) -> dict[str, dict]:
-    """{"field: reason kind": {count, examples}} from the loader's converters."""
-    convs = table.converters(source.has_secrets)
-    cols = [(c.position, conv) for c, conv in zip(table.columns, convs)]
-    from pbmigrate.convert import multi
+    """{"field: reason kind": {count, examples}} from the loader's own column converters (and, for
+    the rows they send back, its per-row ones): a scan on the load's columnar machinery."""
+    from pbmigrate.columnar.batch import TableConverter
+    from pbmigrate.columnar.read import chunks
 
-    cols += [(j.position, multi(j.field)) for j in table.junctions]
+    work = TableConverter(table, source.has_secrets)
+    rejects: list[tuple[str, str, str]] = []
+    for chunk in chunks(source, table, None, None):
+        rejects.extend(work.part(chunk).rejects)
     found: dict[str, dict] = {}
-    for row in source.rows(table.collection):
-        for pos, conv in cols:
-            try:
-                conv(row[pos])
-            except Reject as r:
-                _add(found, f"{r.field}: {_reason_kind(r.reason)}", str(row[0]))
+    for rid, field, reason in sorted(rejects, key=lambda r: r[0]):  # examples: the first ids, as before
+        _add(found, f"{field}: {_reason_kind(reason)}", rid)
     return found
 
 

@@ -1,5 +1,5 @@
 """Load one id range of one collection: convert, COPY, record rejects and the ledger row, in one
-transaction.
+transaction. The rows move as Arrow record batches (`columnar`), a chunk at a time.
 
 A retried batch first removes whatever an earlier attempt of the same range left, and a batch
 whose ledger row already says `done` is skipped, so retries and re-triggered runs never duplicate
@@ -9,21 +9,18 @@ or lose a row.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 
-from pbmigrate import checksum, fused, pgcopy
-from pbmigrate.convert import Reject, multi
+from pbmigrate import checksum
+from pbmigrate.columnar.batch import copy_batch, reject_all
 from pbmigrate.plan import Table, qi
 from pbmigrate.sources import Source
 
 log = logging.getLogger(__name__)
-SPOOL_BYTES = 32 * 1024 * 1024  # junction rows beyond this spill to disk: bounded memory
 
 
 @dataclass
@@ -54,20 +51,7 @@ class BatchResult:
                 f"junction rows {self.junction_rows:,}; {state}")
 
 
-def _reject_all(row: tuple, table: Table, convs: list) -> list[tuple[str, str]]:
-    """Convert every field of a failing row to report each bad field, not just the first."""
-    problems = []
-    for col, conv in zip(table.columns, convs):
-        try:
-            conv(row[col.position])
-        except Reject as r:
-            problems.append((r.field, r.reason))
-    for j in table.junctions:
-        try:
-            multi(j.field)(row[j.position])
-        except Reject as r:
-            problems.append((r.field, r.reason))
-    return problems or [("?", "row failed to convert")]
+_reject_all = reject_all  # the re-sync names each bad field the same way
 
 
 def _existing(conn: psycopg.Connection, run_id: str, collection: str, lo: str) -> BatchResult | None:
@@ -103,15 +87,10 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
     done = _existing(conn, run_id, coll.name, lo)
     if done is not None:
         return done
-    with conn.transaction(), ExitStack() as stack:
-        spools = {j.table: JunctionSpool() for j in table.junctions}
-        for spool in spools.values():
-            stack.callback(spool.close)
+    with conn.transaction():
         clear_range(conn, schema, table, run_id, lo, hi)
-        read, loaded, total, junction_rows, rejects = _copy_rows(conn, source, table, schema, lo, hi,
-                                                                 has_secrets, spools)
-        for j in table.junctions:
-            spools[j.table].copy_to(conn, schema, j)
+        read, loaded, total, junction_rows, rejects = copy_batch(conn, source, table, schema, lo, hi,
+                                                                 has_secrets)
         _record_rejects(conn, run_id, coll.name, lo, rejects)
         result = BatchResult(coll.name, table.name, lo, hi, read, loaded, read - loaded, junction_rows,
                              checksum.as_hex(total), time.monotonic() - started)
@@ -123,80 +102,6 @@ def load_batch(conn: psycopg.Connection, source: Source, table: Table, *, run_id
              result.checksum, result.checksum, result.seconds, result.rows_per_s),
         )
     return result
-
-
-def _copy_rows(conn: psycopg.Connection, source: Source, table: Table, schema: str, lo: str, hi: str,
-               has_secrets: bool, spools: dict) -> tuple[int, int, int, int, list]:
-    """The hot loop: convert, COPY, checksum; junction rows go to their spools as COPY text."""
-    convs = table.converters(has_secrets)
-    convert = fused.row_function(table, convs)
-    junctions = [(j, multi(j.field), spools[j.table]) for j in table.junctions]
-    digest, jdigest = checksum.digest, checksum.junction_digest
-    binary = pgcopy.can_use_binary(table)
-    if binary:
-        pgcopy.register(conn)
-    total = read = loaded = junction_rows = 0
-    rejects: list[tuple[str, str, str]] = []
-    with conn.cursor() as cur, cur.copy(pgcopy.copy_sql(schema, table, binary)) as copy:
-        if binary:
-            copy.set_types([c.type for c in table.columns])
-        for row in source.rows(table.collection, lo, hi, ordered=False):
-            read += 1
-            try:
-                out, canon = convert(row)
-                jrows = [(j, m(row[j.position]), spool) for j, m, spool in junctions]
-            except Reject:
-                rejects.extend((str(row[0]), f, r) for f, r in _reject_all(row, table, convs))
-                continue
-            copy.write_row(out)
-            loaded += 1
-            total += digest(canon)
-            owner = out[0]
-            for j, ids, spool in jrows:
-                if ids:
-                    total += jdigest(j.table, owner, ids)
-                    junction_rows += len(ids)
-                    spool.add(owner, ids, _needs_escape(row[j.position], owner))
-    for spool in spools.values():
-        spool.flush()
-    return read, loaded, total, junction_rows, rejects
-
-
-def _needs_escape(raw: object, owner: str) -> bool:
-    """JSON escapes tab, newline and backslash, so ids from a raw JSON array without a backslash
-    hold none of the characters COPY text must escape; anything else is escaped to be safe."""
-    if type(raw) is not str or not raw.startswith("[") or "\\" in raw:
-        return True
-    return "\\" in owner or not owner.isprintable()
-
-
-class JunctionSpool:
-    """Junction rows as COPY text lines, buffered in memory, then on disk past SPOOL_BYTES."""
-
-    def __init__(self) -> None:
-        self.file = tempfile.SpooledTemporaryFile(SPOOL_BYTES, mode="w+")  # noqa: SIM115 - closed by close()
-        self.lines: list[str] = []
-
-    def add(self, owner: str, ids: list[str], escape: bool) -> None:
-        if escape:
-            owner, ids = pgcopy.text_field(owner), [pgcopy.text_field(i) for i in ids]
-        self.lines.extend(f"{owner}\t{target}\t{pos}\n" for pos, target in enumerate(ids))
-        if len(self.lines) >= 10_000:
-            self.flush()
-
-    def flush(self) -> None:
-        self.file.write("".join(self.lines))
-        self.lines.clear()
-
-    def copy_to(self, conn: psycopg.Connection, schema: str, j) -> None:
-        self.file.seek(0)
-        sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN"
-        with conn.cursor() as cur, cur.copy(sql) as copy:
-            while chunk := self.file.read(1 << 20):
-                copy.write(chunk)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _record_rejects(conn: psycopg.Connection, run_id: str, collection: str, lo: str, rejects: list) -> None:

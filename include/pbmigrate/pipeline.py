@@ -159,51 +159,85 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
     return tables
 
 
-def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None) -> list[dict]:
-    """Id ranges of `batch_size` rows per collection, with a readable label for the UI.
+LOAD_SLOTS = 2  # batch tasks the executor runs at once (the bench's LocalExecutor has 2 slots)
+UNITS_PER_SLOT = 2  # a few tasks per slot: balanced by rows, without a task start-up per range
 
-    Largest first: schedulers start mapped tasks in map index order, and starting the long ones
-    first keeps every slot busy to the end. `max_batches` is Airflow's max_map_length: more mapped
-    tasks than that cannot be expanded."""
+
+def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None,
+                 slots: int = LOAD_SLOTS) -> list[dict]:
+    """Id ranges of `batch_size` rows per collection, packed into about `UNITS_PER_SLOT` load
+    tasks per slot, with a readable label for the UI.
+
+    Each range stays a ledger batch of its own (its own transaction, skipped once done, cleared
+    on a retry); a task loads its ranges one after the other. A task costs a few seconds of start-up
+    here (process, imports, plan), so one task per range left slots idle between short batches.
+    Ranges are packed largest first into the task with the fewest rows (balanced to the end), and
+    tasks come largest first: schedulers start mapped tasks in map index order. `max_batches` is
+    Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
-        batches = []
+        ranges = []
         for t in plan.tables:
-            ranges = plan_ranges(source, t.collection, run["params"]["batch_size"])
-            for r in ranges:
-                batches.append({"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows,
-                                "label": f"{t.collection.name} [{r.lo}..{r.hi}]"})
-            rows = sum(r.rows for r in ranges)
-            log.info("%s: %d rows in %d batches", t.collection.name, rows, len(ranges))
-            metrics.push_plan(t.collection.name, rows, len(ranges), run["run_id"])
+            planned = plan_ranges(source, t.collection, run["params"]["batch_size"])
+            for r in planned:
+                ranges.append({"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows,
+                               "label": f"{t.collection.name} [{r.lo}..{r.hi}]"})
+            rows = sum(r.rows for r in planned)
+            log.info("%s: %d rows in %d batches", t.collection.name, rows, len(planned))
+            metrics.push_plan(t.collection.name, rows, len(planned), run["run_id"])
     finally:
         source.close()
-    if max_batches and len(batches) > max_batches:
-        size = run["params"]["batch_size"]
-        needed = size * (len(batches) // max_batches + 1)
-        raise ValueError(f"{len(batches)} batches exceed Airflow's max_map_length ({max_batches}); "
-                         f"set batch_size to {needed} or more (it is {size})")
-    batches.sort(key=lambda b: -b["rows"])  # stable: equal sizes keep the plan's order
-    return batches
+    units = pack_ranges(ranges, max(1, slots) * UNITS_PER_SLOT)
+    if max_batches and len(units) > max_batches:
+        raise ValueError(f"{len(units)} load tasks exceed Airflow's max_map_length ({max_batches})")
+    log.info("%d batches in %d load tasks: %s", len(ranges), len(units), [u["rows"] for u in units])
+    return units
+
+
+def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:
+    """Ranges into at most `tasks` units of about equal rows (largest range first into the
+    lightest unit), units largest first."""
+    bins: list[list[dict]] = [[] for _ in range(min(tasks, len(ranges)))]
+    loads = [0] * len(bins)
+    for r in sorted(ranges, key=lambda b: -b["rows"]):  # stable: equal sizes keep the plan's order
+        k = loads.index(min(loads))
+        bins[k].append(r)
+        loads[k] += r["rows"]
+    units = []
+    for part, rows in sorted(zip(bins, loads), key=lambda p: -p[1]):
+        names = sorted({r["collection"] for r in part})
+        label = part[0]["label"] if len(part) == 1 else f"{len(part)} batches of {', '.join(names)}"
+        units.append({"label": label, "rows": rows, "ranges": part})
+    return units
 
 
 def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
+    """Load one unit of `plan_batches` (or a single range): each range in its own transaction."""
+    ranges = batch.get("ranges") or [batch]
     source = open_run_source(run, api)
+    results = []
     try:
         plan = run_plan(run, source)
-        table = plan.table_for(batch["collection"])
         with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
                 psycopg.connect(pg_url) as conn:
-            result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
-                                lo=batch["lo"], hi=batch["hi"], has_secrets=source.has_secrets)
+            for r in ranges:
+                table = plan.table_for(r["collection"])
+                result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
+                                    lo=r["lo"], hi=r["hi"], has_secrets=source.has_secrets)
+                conn.commit()  # each range durable on its own: a later failure keeps it done
+                log.info("%s", result.log_line())
+                if not result.skipped:
+                    metrics.push_batch(result.collection, result.rows_read, result.rows_loaded,
+                                       result.rows_rejected, result.seconds, run["run_id"],
+                                       batch=f"{result.lo}..{result.hi}")
+                results.append(result.as_dict())
     finally:
         source.close()
-    log.info("%s", result.log_line())
-    if not result.skipped:
-        metrics.push_batch(result.collection, result.rows_read, result.rows_loaded, result.rows_rejected,
-                           result.seconds, run["run_id"], batch=f"{result.lo}..{result.hi}")
-    return result.as_dict()
+    if "ranges" not in batch:
+        return results[0]
+    return {"label": batch["label"], "rows_read": sum(r["rows_read"] for r in results),
+            "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results}
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:

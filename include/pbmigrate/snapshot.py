@@ -39,6 +39,15 @@ def resolve_data_db(path: str | os.PathLike) -> Path:
     return p
 
 
+def readonly_uri(path: str | os.PathLike) -> str:
+    """The URI `open_readonly` opens (other SQLite clients, such as ADBC's, open the same)."""
+    p = resolve_data_db(path)
+    uri = f"file:{quote(p.resolve().as_posix())}?mode=ro"
+    if p.with_name(p.name + "-shm").exists():
+        uri += "&readonly_shm=1"
+    return uri
+
+
 def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite3.Connection:
     """A read-only connection (URI mode=ro), safe beside a running PocketBase.
 
@@ -53,9 +62,7 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
     refuses `VACUUM INTO` (which writes only the *output* file) under query_only.
     """
     p = resolve_data_db(path)
-    uri = f"file:{quote(p.resolve().as_posix())}?mode=ro"
-    if p.with_name(p.name + "-shm").exists():
-        uri += "&readonly_shm=1"
+    uri = readonly_uri(p)
     try:
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         if query_only:

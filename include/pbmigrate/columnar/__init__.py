@@ -1,0 +1,8 @@
+"""The columnar batch path: Arrow record batches from the source to typed PostgreSQL tables.
+
+A batch is read as bounded Arrow record batches (`read`), converted and checked column by column
+(`vector`), checksummed by DuckDB over the canonical form validation recomputes in PostgreSQL
+(`digest`), and written with binary COPY whose rows Arrow's kernels assemble (`pgbinary`).
+Per-row Python runs only for the few rows a column check sends back (`fallback`): an unusual
+storage class or a value that fails, so each bad field is named with exactly `convert`'s reason.
+"""
