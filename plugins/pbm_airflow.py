@@ -10,6 +10,7 @@ Connections (names are stable; runbooks use them):
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from urllib.parse import quote
 
@@ -56,6 +57,12 @@ def pocketbase_api(conn_id: str = "pbm_pocketbase") -> dict | None:
     if c.port and f":{c.port}" not in url.split("://", 1)[1]:
         url = f"{url}:{c.port}"
     return {"url": url.rstrip("/"), "email": c.login, "password": c.password}
+
+
+def hostname() -> str:
+    """Airflow's hostname_callable: PBM_HOSTNAME names a worker as if it were its own host, so two
+    Celery workers on one machine are told apart in the task instances (`make airflow EXECUTOR=celery`)."""
+    return os.environ.get("PBM_HOSTNAME") or socket.getfqdn()
 
 
 def default_args() -> dict:
