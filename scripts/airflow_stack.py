@@ -95,10 +95,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _cmdline(pid: int) -> str:
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot: with the pid, it names one process for good
+    (a pid reused after a crash belongs to a process started later)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
         return ""
 
 
@@ -233,18 +235,27 @@ class Stack:
 
     # --- checks -------------------------------------------------------------------------------
 
-    def running(self) -> dict[str, int]:
-        """name -> pid of each process recorded in the pid folder (alive or not)."""
+    def recorded(self) -> dict[str, tuple[int, str]]:
+        """name -> (pid, start time) of each process in the pid folder (alive or not)."""
         out = {}
         for f in sorted(self.pid_dir.glob("*.pid")) if self.pid_dir.is_dir() else []:
             with contextlib.suppress(ValueError):
-                out[f.stem] = int(f.read_text().strip())
+                pid, _, started = f.read_text().strip().partition(" ")
+                out[f.stem] = (int(pid), started)
         return out
+
+    def running(self) -> dict[str, int]:
+        """name -> pid of each recorded process (alive or not)."""
+        return {name: pid for name, (pid, _) in self.recorded().items()}
+
+    def ours(self, pid: int, started: str) -> bool:
+        """The recorded process is alive and is still the one this stack started."""
+        return _alive(pid) and (not started or start_time(pid) == started)
 
     def preflight(self) -> None:
         """Refuse, in one line, what would make the start fail half-way."""
-        for name, pid in self.running().items():
-            if _alive(pid):
+        for name, (pid, started) in self.recorded().items():
+            if self.ours(pid, started):
                 raise StackError(f"Airflow is already running from {self.home} ({name}, pid {pid}): "
                                  "make airflow-stop first")
             raise StackError(f"stale pid file {self.pid_dir / (name + '.pid')} (pid {pid} is not running, "
@@ -301,7 +312,7 @@ class Stack:
                 with (self.log_dir / f"{name}.log").open("ab") as fh:
                     proc = subprocess.Popen(argv, env={**env, **extra}, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-                (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
+                (self.pid_dir / f"{name}.pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -363,10 +374,10 @@ class Stack:
     def stop(self, *, timeout: float = 30.0) -> list[str]:
         """Stop every recorded process and its children (by process group), then drop the pid files."""
         stopped = []
-        pids = self.running()
+        pids = self.recorded()
         groups = {}
-        for name, pid in pids.items():
-            if _alive(pid) and "airflow" in _cmdline(pid):  # a reused pid is somebody else's process
+        for name, (pid, started) in pids.items():
+            if self.ours(pid, started):  # a pid reused since a crash is somebody else's process
                 with contextlib.suppress(ProcessLookupError):
                     groups[name] = os.getpgid(pid)
                     os.killpg(groups[name], signal.SIGTERM)
