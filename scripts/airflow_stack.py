@@ -377,10 +377,12 @@ class Stack:
         pids = self.recorded()
         groups = {}
         for name, (pid, started) in pids.items():
-            if self.ours(pid, started):  # a pid reused since a crash is somebody else's process
+            # each process leads its own group (start_new_session): a pid reused since a crash is
+            # somebody else's process, but a group by that id still holds what the crashed one started
+            if self.ours(pid, started) or (not _alive(pid) and _group_alive(pid)):
                 with contextlib.suppress(ProcessLookupError):
-                    groups[name] = os.getpgid(pid)
-                    os.killpg(groups[name], signal.SIGTERM)
+                    os.killpg(pid, signal.SIGTERM)
+                    groups[name] = pid
                     stopped.append(f"{name} (pid {pid})")
         deadline = time.monotonic() + timeout
         while groups and time.monotonic() < deadline:

@@ -3,6 +3,7 @@ and target databases, its own home; stopped by process id in a finalizer, also w
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,10 +11,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import redis
 import requests
 
 from airflow_stack import Stack, _group_alive, free_port
 from tests.conftest import REDIS_TEST_URL, _create_db, _drop_db
+
+# Redis dbs apart from the one the redis_url fixture flushes: the stack's cache warm-up must not land in
+# another test's db, and the Celery broker has a db of its own.
+_REDIS_BASE = REDIS_TEST_URL.rsplit("/", 1)[0]
+STACK_REDIS_URL = os.environ.get("PBM_TEST_STACK_REDIS_URL", _REDIS_BASE + "/12")
+BROKER_URL = os.environ.get("PBM_TEST_BROKER_URL", _REDIS_BASE + "/10")
 
 
 @contextmanager
@@ -22,15 +30,21 @@ def running_stack(home: Path, *, executor: str = "local", workers: int = 2, samp
     tag = uuid.uuid4().hex[:8]
     meta_db, target_db = f"pbm_af_{tag}", f"pbm_ui_{tag}"
     stack = Stack(home=home, port=free_port(), executor=executor, workers=workers,
-                  metadata_url=_create_db(meta_db), pg_url=_create_db(target_db), redis_url=REDIS_TEST_URL,
-                  broker_url=broker_url or REDIS_TEST_URL.rsplit("/", 1)[0] + "/12", sample_rows=sample_rows,
+                  metadata_url=_create_db(meta_db), pg_url=_create_db(target_db), redis_url=STACK_REDIS_URL,
+                  broker_url=broker_url or BROKER_URL, sample_rows=sample_rows,
                   extra_env={"PBM_RETRY_DELAY_SECONDS": "1", **(extra_env or {})})
+    dbs = [redis.Redis.from_url(u) for u in {stack.redis_url, stack.broker_url}]
     try:
+        for db in dbs:
+            db.flushdb()
         stack.start(timeout=300)
         yield stack
     finally:
         pids = stack.running()
         stack.stop()
+        for db in dbs:
+            db.flushdb()
+            db.close()
         _drop_db(meta_db)
         _drop_db(target_db)
         leftover = {name: pid for name, pid in pids.items() if _group_alive(pid)}  # each is its group's leader

@@ -100,11 +100,18 @@ def open_trigger_form(page, stack, dag_id: str):
     return dialog
 
 
-def trigger_from_form(page, stack, api: Api, dag_id: str, fields: dict[str, str], shot: Path | None = None) -> str:
-    """Fill the given fields of the trigger form (others keep their defaults), press Trigger: the run id."""
+def trigger_from_form(page, stack, api: Api, dag_id: str, fields: dict[str, str], shot: Path | None = None,
+                      choices: dict[str, str] | None = None) -> str:
+    """Fill the given fields and pick the given choices (enum params) of the trigger form, others keep
+    their defaults; press Trigger: the run id."""
     dialog = open_trigger_form(page, stack, dag_id)
     for name, value in fields.items():
         dialog.locator(f"#element_{name}").fill(value)
+    for name, value in (choices or {}).items():
+        box = dialog.locator(f"#element_{name} input[role=combobox]")
+        box.fill(value)
+        box.press("Enter")
+        assert dialog.locator(f"#element_{name}").inner_text().strip().endswith(value)
     if shot:
         page.screenshot(path=str(shot), full_page=True)
     before = api.run_ids(dag_id)
@@ -172,29 +179,28 @@ def test_the_forms_defaults_run_api_mode_and_an_empty_mapping_copies_every_colle
     assert_succeeded(api, "pocketbase_migration", api_run)
     assert api.run("pocketbase_migration", api_run)["conf"]["source_path"] in (None, "")
 
+    # into the target the re-sync's defaults name, held (cutover=manual) for the scheduled re-sync below
     plain_run = trigger_from_form(page, stack, api, "pocketbase_migration",
-                                  {"source_path": str(stack.sample_dir / "pb_data"), "target_schema": "plain",
-                                   "mapping": ""})
+                                  {"source_path": str(stack.sample_dir / "pb_data"), "mapping": ""},
+                                  choices={"cutover": "manual"})
     assert_succeeded(api, "pocketbase_migration", plain_run)
+    assert api.run("pocketbase_migration", plain_run)["conf"]["mapping"] in (None, "")
 
     with psycopg.connect(stack.pg_url) as conn:
-        kinds = dict(conn.execute("SELECT target_schema, source_kind FROM pbm_meta.runs").fetchall())
+        runs = {t: (kind, status, params["mapping"]) for t, kind, status, params in conn.execute(
+            "SELECT target_schema, source_kind, status, params FROM pbm_meta.runs")}
         plain_tables = {r[0] for r in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'plain'")}
-    assert kinds["api"] == "api" and kinds["plain"] == "sqlite"
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'game_staging'")}
+    assert runs["api"] == ("api", "promoted", "game.yaml") and runs["game"][0] == "sqlite"
+    assert runs["game"][1] != "promoted" and runs["game"][2] == ""
     # no mapping: PocketBase's own collection names (game.yaml would rename participants to game_sessions)
     assert "participants" in plain_tables and "game_sessions" not in plain_tables
 
 
 def test_unpaused_resync_runs_on_its_schedule_with_the_migrations_params(page, stack, api: Api,
                                                                         shots: Path) -> None:
-    # the target the re-sync's defaults name, loaded and held (cutover=manual): REST, the form is not the point
-    full = api.trigger("pocketbase_migration", {"source_path": str(stack.sample_dir / "pb_data"),
-                                                "target_schema": "game", "cutover": "manual"})
-    assert_succeeded(api, "pocketbase_migration", full)
-
     page.goto(f"{stack.url}/dags/pocketbase_resync")
-    page.get_by_text("*/15").or_(page.get_by_text("* * * * *")).first.wait_for()
+    page.get_by_text("* * * * *").first.wait_for()  # PBM_RESYNC_SCHEDULE
     before = api.run_ids("pocketbase_resync")
     assert api.get("/dags/pocketbase_resync")["is_paused"] is True  # created paused
     page.locator("[data-scope=switch][data-part=control]").first.click()  # the pause toggle beside the name
@@ -202,15 +208,16 @@ def test_unpaused_resync_runs_on_its_schedule_with_the_migrations_params(page, s
     while api.get("/dags/pocketbase_resync")["is_paused"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert api.get("/dags/pocketbase_resync")["is_paused"] is False
-    assert api.get("/dags/pocketbase_resync")["timetable_summary"] == "* * * * *"  # PBM_RESYNC_SCHEDULE
     run_id = api.new_run("pocketbase_resync", before, timeout=90)
     run = api.wait("pocketbase_resync", run_id)
     assert run["run_type"] == "scheduled" and run["state"] == "success", api.failed_log("pocketbase_resync", run_id)
+    assert not run["conf"]  # a scheduled run has no conf: the recorded params did it
 
     page.goto(f"{stack.url}/dags/pocketbase_resync/runs/{quote(run_id, safe='')}")
     page.get_by_text("Success").first.wait_for()
     page.screenshot(path=str(shots / "scheduled_resync.png"), full_page=True)
     with psycopg.connect(stack.pg_url) as conn:
-        resynced = conn.execute("SELECT count(*) FROM pbm_meta.resyncs WHERE resync_id = %s AND target_schema = "
-                                "'game'", (run_id,)).fetchone()[0]
-    assert resynced > 0  # the recorded source, mapping and collections: every mapped collection compared
+        synced = {r[0] for r in conn.execute("SELECT collection FROM pbm_meta.resyncs WHERE resync_id = %s "
+                                             "AND target_schema = 'game'", (run_id,))}
+    # the DAG's default mapping is game.yaml; the held run's empty mapping was used (else: refused)
+    assert {"users", "participants", "matches"} <= synced

@@ -52,13 +52,14 @@ def migrate(stack: Stack, api: Api, target: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_result(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def local_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The sample migrated under the LocalExecutor: the reference, and the sample both stacks read."""
     home = tmp_path_factory.mktemp("airflow_local")
-    with running_stack(home, sample_rows=3000) as st:
+    with running_stack(home, sample_rows=3000) as st:  # stopped before the Celery stack starts
         run_id = migrate(st, Api(st), "game")
-        yield {"sample": st.sample_dir, "tables": digests(st.pg_url, "game_staging"),
-               "ledger": ledger(st.pg_url, run_id)}
+        result = {"sample": st.sample_dir, "tables": digests(st.pg_url, "game_staging"),
+                  "ledger": ledger(st.pg_url, run_id)}
+    return result
 
 
 @pytest.fixture(scope="module")
