@@ -41,7 +41,7 @@ def running_stack(home: Path, *, executor: str = "local", workers: int = 2, samp
         yield stack
     finally:
         pids = stack.running()
-        stack.stop()
+        stack.stop(timeout=10)  # then SIGKILL: a test has no work to let finish
         for db in dbs:
             db.flushdb()
             db.close()
