@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv services demo test lint bench loadtest clean
+.PHONY: venv services demo airflow airflow-stop test lint bench loadtest clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,16 @@ services:
 
 demo: venv services
 	$(PY) scripts/demo.py
+
+# A local Airflow 3 (api-server, scheduler, dag-processor, triggerer) at http://127.0.0.1:$(AIRFLOW_PORT).
+AIRFLOW_PORT ?= 8080
+EXECUTOR ?= local
+WORKERS ?= 2
+airflow: venv services
+	$(PY) scripts/airflow_stack.py start --port $(AIRFLOW_PORT) --executor $(EXECUTOR) --workers $(WORKERS)
+
+airflow-stop: venv
+	$(PY) scripts/airflow_stack.py stop
 
 test: venv services
 	$(VENV)/bin/ruff check .

@@ -39,7 +39,7 @@ from pbm_airflow import default_args, fail_fast, postgres_url, redis_url
                         description="cutover: promote the validated staging schema; rollback: undo one step."),
         "target_schema": Param("game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
                                description="Live PostgreSQL schema the action applies to."),
-        "reason": Param("", type="string", description="Why (kept in pbm_meta.cutovers and the report)."),
+        "reason": Param("", type=["null", "string"], description="Why (kept in pbm_meta.cutovers and the report)."),
     },
 )
 def pocketbase_cutover():
@@ -49,7 +49,7 @@ def pocketbase_cutover():
         from pbmigrate import cutover
 
         p = get_current_context()["params"]  # nothing to cut over is a refusal: fail_fast, no retry
-        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"])
+        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
 
     apply()
 

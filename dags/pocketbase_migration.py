@@ -20,7 +20,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
 
-from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, redis_url, source_params
+from pbm_airflow import default_args, fail_fast, param_text, pocketbase_api, postgres_url, redis_url, source_params
 
 
 @dag(
@@ -61,8 +61,9 @@ def pocketbase_migration():
             ctx = get_current_context()
             p = ctx["params"]
             params = pipeline.run_params(
-                source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
-                batch_size=p["batch_size"], collections=p["collections"], orphans=p["orphans"],
+                source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
+                mapping=param_text(p, "mapping"), batch_size=p["batch_size"], collections=p["collections"] or [],
+                orphans=p["orphans"],
             )
             return pipeline.prepare(params=params, pg_url=postgres_url(), dag_run_id=ctx["run_id"],
                                     api=pocketbase_api())
@@ -146,16 +147,21 @@ def pocketbase_migration():
         ctx = get_current_context()
         p = ctx["params"]
         return sync.final_sync(
-            source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
-            collections=p["collections"], overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(),
-            dag_run_id=ctx["run_id"], api=pocketbase_api(),
+            source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
+            mapping=param_text(p, "mapping"), collections=p["collections"] or [],
+            overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(), dag_run_id=ctx["run_id"], api=pocketbase_api(),
         )
 
     @task(trigger_rule="none_failed_min_one_success")
     @fail_fast
-    def loaded_run(full: dict | None, final: dict | None) -> dict:
-        """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot)."""
-        return final or full
+    def loaded_run() -> dict:
+        """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot).
+
+        It pulls from the branch that ran only: pulling the skipped one's XCom would log an
+        error-level "XCom not found" for a skip that is by design."""
+        ctx = get_current_context()
+        ran = "final_sync" if ctx["params"]["mode"] == "final" else "prepare.assess"
+        return ctx["ti"].xcom_pull(task_ids=ran)
 
     @task_group(group_id="validate")
     def validate(run: dict):
@@ -220,8 +226,8 @@ def pocketbase_migration():
     done = data(run, schema(run))
     final = final_sync()
     mode >> final
-    loaded = loaded_run(run, final)
-    done >> loaded
+    loaded = loaded_run()
+    [done, final] >> loaded
     verdict = validate(loaded)
     choice = decide(verdict)
     choice >> cache(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]

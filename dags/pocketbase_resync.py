@@ -11,7 +11,11 @@ range by range, and compares collections without `updated` by per-range checksum
 Guards: a re-sync never runs while a migration task writes the same target (advisory lock), and
 after a cut-over it refuses (PostgreSQL is the source of truth then) unless `force` is set.
 Created paused: unpause it after the first full load. Schedule: `PBM_RESYNC_SCHEDULE`
-(cron, default every 15 minutes), no catch-up; trigger by hand at any time.
+(cron, default every 15 minutes), no catch-up; trigger by hand at any time. A scheduled run has no
+conf: `source_path`, `mapping` and `collections` left empty are those the migration that built the
+target ran with (`pbm_meta.runs`); given, they override (a different mapping or collection set is
+refused). Once the target is cut over a run ends **skipped**, its log saying why in one line: the
+schedule keeps firing until someone pauses the DAG, and a cut-over target is a state, not a fault.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, source_params
 
@@ -35,7 +40,7 @@ from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, s
     doc_md=__doc__,
     tags=["pbmigrate", "resync"],
     params={
-        **source_params(),
+        **source_params(recorded=True),
         "overlap_seconds": Param(300, type="integer", minimum=0,
                                  description="Re-read rows updated this long before the stored watermark "
                                              "(clock skew, transactions in flight at the last snapshot)."),
@@ -53,11 +58,14 @@ def pocketbase_resync():
 
         ctx = get_current_context()
         p = ctx["params"]
-        return sync.run_resync(
-            source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
-            collections=p["collections"], overlap_seconds=p["overlap_seconds"], force=p["force"],
-            pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(),
-        )
+        try:
+            return sync.run_resync(
+                source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
+                collections=p["collections"], overlap_seconds=p["overlap_seconds"], force=p["force"],
+                pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(),
+            )
+        except sync.TargetCutOver as exc:
+            raise AirflowSkipException(str(exc)) from exc
 
     resync()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -131,6 +132,12 @@ def pocketbase_api(conn_id: str = "pbm_pocketbase") -> dict | None:
         return None
 
 
+def hostname() -> str:
+    """Airflow's hostname_callable: PBM_HOSTNAME names a worker as if it were its own host, so two
+    Celery workers on one machine are told apart in the task instances (`make airflow EXECUTOR=celery`)."""
+    return os.environ.get("PBM_HOSTNAME") or socket.getfqdn()
+
+
 def default_args() -> dict:
     """Retries with exponential backoff; PBM_RETRY_DELAY_SECONDS shortens the delay in tests."""
     delay = float(os.environ.get("PBM_RETRY_DELAY_SECONDS", "15"))
@@ -143,25 +150,49 @@ def default_args() -> dict:
     }
 
 
-def source_params() -> dict[str, Param]:
-    """The params shared by the migration and re-sync DAGs."""
+def source_params(*, recorded: bool = False) -> dict[str, Param]:
+    """The params shared by the migration and re-sync DAGs.
+
+    Every param that may be empty also accepts null: the trigger form sends null for an empty
+    field, and a string-only type would keep the Trigger button disabled. Tasks read null as empty
+    (`param_text`). With `recorded` (the re-sync), source_path, mapping and collections default to
+    null, meaning "as the migration that built the target ran": a scheduled run has no conf.
+    """
+    if recorded:
+        same = " Empty: as recorded by the migration that built the target (pbm_meta.runs)."
+        return {
+            "source_path": Param(None, type=["null", "string"],
+                                 description="A PocketBase data.db or pb_data folder." + same),
+            "target_schema": _target_schema(),
+            "mapping": Param(None, type=["null", "string"],
+                             description="Mapping file (a name under include/mappings or a path)." + same),
+            "collections": Param(None, type=["null", "array"], items={"type": "string"},
+                                 description="Only these collections." + same),
+        }
     return {
         "source_path": Param(
-            "", type="string",
+            "", type=["null", "string"],
             description="A PocketBase data.db or pb_data folder. Empty: API mode through the "
                         "pbm_pocketbase connection (password hashes cannot be exported that way).",
         ),
-        "target_schema": Param(
-            "game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
-            description="Live PostgreSQL schema; the load goes to <target_schema>_staging first.",
-        ),
+        "target_schema": _target_schema(),
         "mapping": Param(
-            "game.yaml", type="string",
+            "game.yaml", type=["null", "string"],
             description="Mapping file (a name under include/mappings or a path). Empty: copy every "
                         "collection under its own name.",
         ),
         "collections": Param(
-            [], type="array", items={"type": "string"},
+            [], type=["null", "array"], items={"type": "string"},
             description="Only these collections (empty: all).",
         ),
     }
+
+
+def _target_schema() -> Param:
+    return Param("game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
+                 description="Live PostgreSQL schema; the load goes to <target_schema>_staging first.")
+
+
+def param_text(params: dict, name: str) -> str:
+    """A string param as the task uses it: the form's null for an empty field is ''."""
+    return params.get(name) or ""

@@ -30,4 +30,6 @@ if ! command -v promtool >/dev/null || ! command -v prometheus-pushgateway >/dev
 fi
 # pgloader, the peer the benchmark in bench/ measures against.
 command -v pgloader >/dev/null || apt_install pgloader || echo "pgloader unavailable: bench/ will skip it" >&2
+# Debian's Chromium for the browser test of the Airflow UI (Playwright drives it; never a browser download).
+[ -x /usr/bin/chromium ] || apt_install chromium
 echo "services: PostgreSQL and Redis answer"

@@ -318,6 +318,30 @@ def test_resync_after_cutover_refuses_unless_forced(env: Env) -> None:
     assert env.differences(schema=env.target) == {}
 
 
+def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
+    with psycopg.connect(env.pg_url, autocommit=True) as conn:  # the first load was cut over
+        conn.execute(f'ALTER SCHEMA "{env.target}_staging" RENAME TO "{env.target}"')
+        conn.execute("UPDATE pbm_meta.runs SET status = 'promoted' WHERE run_id = %s", (env.run["run_id"],))
+        conn.execute("INSERT INTO pbm_meta.cutovers (run_id, target_schema, action, backend) "
+                     "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
+    with pytest.raises(sync.TargetCutOver):
+        env.resync()
+    params = pipeline.run_params(source_path=str(env.pb_data), target_schema=env.target, mapping="", batch_size=8,
+                                 collections=[], orphans="reject")
+    run = pipeline.prepare(params=params, pg_url=env.pg_url, dag_run_id=f"again-{env.target}")  # cutover=manual
+    pipeline.create_schema(run, env.pg_url)
+    for batch in pipeline.plan_batches(run):
+        pipeline.run_batch(run, batch, env.pg_url)
+    pipeline.finalize_run(run, env.pg_url)
+    env.update("authors", env.authors[2], {"score": 99})
+
+    summary = env.resync()
+
+    assert summary["run_id"] == run["run_id"] and summary["schema"] == f"{env.target}_staging"
+    assert _figures(summary, "authors") == (0, 1, 0) and not summary["forced"]
+    assert env.differences() == {}
+
+
 def test_resync_waits_for_a_migration_holding_the_target(env: Env) -> None:
     with sync.target_lock(env.pg_url, env.target, shared=True, holder="pbmigrate migration"), \
             pytest.raises(sync.TargetBusy, match="pbmigrate migration"):

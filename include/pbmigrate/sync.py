@@ -93,6 +93,13 @@ class ResyncRefused(Refused):
     """The re-sync must not run against this target now (cut over, nothing loaded, params differ)."""
 
 
+class TargetCutOver(ResyncRefused):
+    """The target was cut over: PostgreSQL is the source of truth, there is nothing to re-sync.
+
+    Its own class so a scheduled run can end as skipped (a state, not a fault) while every other
+    refusal still fails."""
+
+
 # --- meta, lock and target --------------------------------------------------------------------
 
 
@@ -125,22 +132,25 @@ def _schema_exists(conn: psycopg.Connection, schema: str) -> bool:
 def resolve_target(conn: psycopg.Connection, target_schema: str, *, force: bool = False) -> SyncTarget:
     """The schema a re-sync may write, or ResyncRefused saying why not."""
     row = conn.execute(
-        """SELECT run_id, dag_run_id, staging_schema, status, params, source, source_kind, snapshot_path
+        """SELECT run_id, dag_run_id, staging_schema, status, params, source, source_kind, snapshot_path, started_at
              FROM pbm_meta.runs WHERE target_schema = %s ORDER BY started_at DESC LIMIT 1""",
         (target_schema,),
     ).fetchone()
     if row is None:
         raise ResyncRefused(f"no migration has loaded target {target_schema!r} yet: run pocketbase_migration "
                             "first (a re-sync keeps a loaded schema current, it does not create one)")
-    run_id, dag_run_id, staging, status, params, source, kind, snapshot = row
+    run_id, dag_run_id, staging, status, params, source, kind, snapshot, started_at = row
     cut = cut_over_in_effect(conn, target_schema)
-    cut_over = status == "promoted" or cut is not None
+    # A migration started after the cut-over loaded a new staging schema: re-syncing that one
+    # leaves the live schema alone, so the earlier cut-over does not stand in its way.
+    newer_load = cut is not None and status != "promoted" and started_at > cut["at"]
+    cut_over = status == "promoted" or (cut is not None and not newer_load)
     run = {"run_id": run_id, "dag_run_id": dag_run_id, "target_schema": target_schema, "staging_schema": staging,
            "source": source, "source_kind": kind, "snapshot_path": snapshot, "params": params, "resumed": True}
     if cut_over:
         when = f" at {cut['at']:%Y-%m-%d %H:%M:%S %Z} (run {cut['run_id']})" if cut is not None else ""
         if not force:
-            raise ResyncRefused(
+            raise TargetCutOver(
                 f"target {target_schema!r} was cut over to PostgreSQL{when}: PocketBase is no longer "
                 "the source of truth, and a re-sync would overwrite newer PostgreSQL data with PocketBase's. "
                 "Pause pocketbase_resync; set the param force=true only if PocketBase is still the system "
@@ -156,6 +166,25 @@ def resolve_target(conn: psycopg.Connection, target_schema: str, *, force: bool 
         raise ResyncRefused(f"schema {schema!r} of run {run_id} (status {status!r}) does not exist: "
                             "it was dropped or rolled back; run a new full migration")
     return SyncTarget(run_id, target_schema, schema, staging, status, cut_over, params, run)
+
+
+def recorded_params(target: SyncTarget, *, source_path: str | None, mapping: str | None,
+                    collections: list[str] | None) -> tuple[str, str, list[str]]:
+    """Each param left None takes the value the migration that built the target ran with.
+
+    A scheduled run has no conf: this is how it re-syncs the right source with the right mapping.
+    """
+    p = target.params
+    chosen = (p.get("source_path", "") if source_path is None else source_path,
+              p.get("mapping", "") if mapping is None else mapping,
+              list(p.get("collections") or []) if collections is None else list(collections))
+    taken = [name for name, given in (("source_path", source_path), ("mapping", mapping),
+                                      ("collections", collections)) if given is None]
+    if taken:
+        log.info("as migration run %s ran: %s", target.run_id,
+                 ", ".join(f"{k}={v!r}" for k, v in zip(("source_path", "mapping", "collections"), chosen)
+                           if k in taken))
+    return chosen
 
 
 def check_params(target: SyncTarget, *, mapping: str, collections: list[str] | None) -> None:
@@ -1122,14 +1151,17 @@ def resync_dir(target_schema: str) -> Path:
     return work_dir() / target_schema / "resync"
 
 
-def run_resync(*, source_path: str, target_schema: str, mapping: str, collections: list[str] | None, pg_url: str,
+def run_resync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+               pg_url: str,
                resync_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, force: bool = False,
                api: dict | None = None, lock_wait_seconds: float = 60.0, range_rows: int = RANGE_ROWS,
                snapshot_name: str = "data.db") -> dict:
     """One re-sync (the `pocketbase_resync` task): snapshot, compare, write, record; a summary.
 
-    Raises ResyncRefused after a cut-over (unless `force`), before any completed load, or when
-    the params differ from the migration's; TargetBusy when a migration holds the target.
+    `source_path`, `mapping` or `collections` left None take the migration run's values
+    (`recorded_params`). Raises TargetCutOver after a cut-over (unless `force`), ResyncRefused
+    before any completed load or when the params differ from the migration's; TargetBusy when a
+    migration holds the target.
     """
     if float(overlap_seconds) < 0:
         raise ParamError("param overlap_seconds must not be negative")
@@ -1140,6 +1172,8 @@ def run_resync(*, source_path: str, target_schema: str, mapping: str, collection
             psycopg.connect(pg_url, autocommit=True,
                             application_name=f"pbmigrate re-sync {target_schema}"[:63]) as conn:
         target = resolve_target(conn, target_schema, force=force)
+        source_path, mapping, collections = recorded_params(target, source_path=source_path, mapping=mapping,
+                                                            collections=collections)
         check_params(target, mapping=mapping, collections=collections)
         snapshot_path, snapshot_at = None, None
         if source_path:
@@ -1189,7 +1223,8 @@ def run_resync(*, source_path: str, target_schema: str, mapping: str, collection
     return summary
 
 
-def final_sync(*, source_path: str, target_schema: str, mapping: str, collections: list[str] | None, pg_url: str,
+def final_sync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+               pg_url: str,
                dag_run_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, api: dict | None = None,
                lock_wait_seconds: float = 600.0) -> dict:
     """The last re-sync before cut-over (`pocketbase_migration` with mode=final), with PocketBase
