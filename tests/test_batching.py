@@ -1,29 +1,47 @@
-"""Load tasks: ranges packed so that every slot stays busy to the end, each range loaded once."""
+"""Load tasks: neighbouring ranges of a collection packed so that slots stay busy to the end,
+each range loaded once, each task named `collection [first..last]` for the UI."""
 
 from __future__ import annotations
 
 import random
+import re
 
 from pbmigrate.pipeline import pack_ranges
 
+LABEL = re.compile(r"^(\w+) \[(\w+)\.\.(\w+)\]$")
 
-def test_ranges_are_packed_into_balanced_tasks_largest_first() -> None:
-    rng = random.Random(7)
-    ranges = [{"collection": f"c{i % 5}", "lo": f"{i:05d}", "hi": f"{i:05d}z", "rows": rng.choice([250_000, 200_000,
-              150_000, 50_000, 3])} for i in range(23)]
+
+def _ranges(n: int, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for c in range(5):  # plan order: a collection's ranges in id order, collection after collection
+        for i in range(n):
+            out.append({"collection": f"c{c}", "lo": f"{i:05d}", "hi": f"{i:05d}z",
+                        "rows": rng.choice([250_000, 200_000, 150_000, 50_000, 3])})
+    return out
+
+
+def test_neighbouring_ranges_are_joined_up_to_a_share_of_all_rows_largest_first() -> None:
+    ranges = _ranges(5)
     units = pack_ranges(ranges, 4)
-    assert len(units) == 4
     packed = [r for u in units for r in u["ranges"]]
-    assert sorted(r["lo"] for r in packed) == sorted(r["lo"] for r in ranges)  # each range once
+    assert sorted((r["collection"], r["lo"]) for r in packed) == sorted((r["collection"], r["lo"]) for r in ranges)
+    limit = -(-sum(r["rows"] for r in ranges) // 4)
     sizes = [u["rows"] for u in units]
-    assert sizes == sorted(sizes, reverse=True)
-    assert sizes == [sum(r["rows"] for r in u["ranges"]) for u in units]
-    assert max(sizes) - min(sizes) <= 250_000  # no task longer than another by more than one range
-    assert all(u["label"] for u in units)
+    assert sizes == sorted(sizes, reverse=True) and sizes == [sum(r["rows"] for r in u["ranges"]) for u in units]
+    assert all(s <= limit or len(u["ranges"]) == 1 for s, u in zip(sizes, units))
+    assert len(units) < len(ranges)
+    for u in units:
+        collection, lo, hi = LABEL.match(u["label"]).groups()
+        assert {r["collection"] for r in u["ranges"]} == {collection}
+        assert (lo, hi) == (u["ranges"][0]["lo"], u["ranges"][-1]["hi"])
+        los = [r["lo"] for r in u["ranges"]]
+        assert los == sorted(los)  # neighbours, in id order
 
 
-def test_fewer_ranges_than_tasks_gives_one_task_per_range() -> None:
-    ranges = [{"collection": "users", "lo": "a", "hi": "m", "rows": 10, "label": "users [a..m]"},
-              {"collection": "users", "lo": "n", "hi": "z", "rows": 5, "label": "users [n..z]"}]
+def test_a_range_larger_than_the_share_stays_alone_and_small_collections_keep_their_own_task() -> None:
+    ranges = [{"collection": "users", "lo": "a", "hi": "m", "rows": 900},
+              {"collection": "users", "lo": "n", "hi": "z", "rows": 5},
+              {"collection": "tags", "lo": "0", "hi": "9", "rows": 3}]
     units = pack_ranges(ranges, 4)
-    assert [u["label"] for u in units] == ["users [a..m]", "users [n..z]"]
+    assert [u["label"] for u in units] == ["users [a..m]", "users [n..z]", "tags [0..9]"]

@@ -159,21 +159,26 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
     return tables
 
 
-LOAD_SLOTS = 2  # batch tasks the executor runs at once (the bench's LocalExecutor has 2 slots)
 UNITS_PER_SLOT = 2  # a few tasks per slot: balanced by rows, without a task start-up per range
 
 
+def load_slots() -> int:
+    """Batch tasks the executor runs at once (`PBM_LOAD_SLOTS`; 2 for this project's LocalExecutor;
+    the workers' total concurrency under Celery), so that packing never starves a worker."""
+    return max(1, int(os.environ.get("PBM_LOAD_SLOTS", "2")))
+
+
 def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None,
-                 slots: int = LOAD_SLOTS) -> list[dict]:
-    """Id ranges of `batch_size` rows per collection, packed into about `UNITS_PER_SLOT` load
-    tasks per slot, with a readable label for the UI.
+                 slots: int | None = None) -> list[dict]:
+    """Id ranges of `batch_size` rows per collection, packed into load tasks of about equal rows,
+    each named for the UI as `collection [first..last]`.
 
     Each range stays a ledger batch of its own (its own transaction, skipped once done, cleared
     on a retry); a task loads its ranges one after the other. A task costs a few seconds of start-up
-    here (process, imports, plan), so one task per range left slots idle between short batches.
-    Ranges are packed largest first into the task with the fewest rows (balanced to the end), and
-    tasks come largest first: schedulers start mapped tasks in map index order. `max_batches` is
-    Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
+    here (process, imports, plan), so one task per range left slots idle between short batches:
+    neighbouring ranges of a collection are joined up to 1 / (`UNITS_PER_SLOT` x slots) of all
+    rows, and tasks come largest first (schedulers start mapped tasks in map index order).
+    `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -188,28 +193,31 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
             metrics.push_plan(t.collection.name, rows, len(planned), run["run_id"])
     finally:
         source.close()
-    units = pack_ranges(ranges, max(1, slots) * UNITS_PER_SLOT)
+    units = pack_ranges(ranges, (slots or load_slots()) * UNITS_PER_SLOT)
     if max_batches and len(units) > max_batches:
-        raise ValueError(f"{len(units)} load tasks exceed Airflow's max_map_length ({max_batches})")
+        raise ParamError(f"{len(units)} load tasks exceed Airflow's max_map_length ({max_batches}); "
+                         "raise batch_size")
     log.info("%d batches in %d load tasks: %s", len(ranges), len(units), [u["rows"] for u in units])
     return units
 
 
 def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:
-    """Ranges into at most `tasks` units of about equal rows (largest range first into the
-    lightest unit), units largest first."""
-    bins: list[list[dict]] = [[] for _ in range(min(tasks, len(ranges)))]
-    loads = [0] * len(bins)
-    for r in sorted(ranges, key=lambda b: -b["rows"]):  # stable: equal sizes keep the plan's order
-        k = loads.index(min(loads))
-        bins[k].append(r)
-        loads[k] += r["rows"]
-    units = []
-    for part, rows in sorted(zip(bins, loads), key=lambda p: -p[1]):
-        names = sorted({r["collection"] for r in part})
-        label = part[0]["label"] if len(part) == 1 else f"{len(part)} batches of {', '.join(names)}"
-        units.append({"label": label, "rows": rows, "ranges": part})
-    return units
+    """Neighbouring ranges of one collection (in plan order, which is id order) joined into units
+    of at most total / `tasks` rows (a range larger than that stays alone), labelled
+    `collection [first lo..last hi]`; units largest first."""
+    limit = max(1, -(-sum(r["rows"] for r in ranges) // max(1, tasks)))
+    units: list[dict] = []
+    for r in ranges:
+        last = units[-1] if units else None
+        if last and last["collection"] == r["collection"] and last["rows"] + r["rows"] <= limit:
+            last["ranges"].append(r)
+            last["rows"] += r["rows"]
+        else:
+            units.append({"collection": r["collection"], "rows": r["rows"], "ranges": [r]})
+    for u in units:
+        first, end = u["ranges"][0], u["ranges"][-1]
+        u["label"] = f"{u.pop('collection')} [{first['lo']}..{end['hi']}]"
+    return sorted(units, key=lambda u: -u["rows"])  # stable: equal sizes keep the plan's order
 
 
 def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
@@ -236,8 +244,22 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
         source.close()
     if "ranges" not in batch:
         return results[0]
+    if len(results) > 1:
+        log.info("%s", unit_line(batch["label"], results))
     return {"label": batch["label"], "rows_read": sum(r["rows_read"] for r in results),
             "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results}
+
+
+def unit_line(label: str, results: list[dict]) -> str:
+    """The task's one-line summary when it loaded several ranges, in the batches' own format."""
+    collection, _, span = label.partition(" ")
+    def total(key: str) -> int:
+        return sum(r[key] for r in results)
+
+    read, seconds = total("rows_read"), sum(r["seconds"] for r in results)
+    return (f"{collection} -> {results[0]['table']} {span}: read {read:,}, loaded {total('rows_loaded'):,}, "
+            f"rejected {total('rows_rejected'):,}, junction rows {total('junction_rows'):,}; "
+            f"{len(results)} batches; {read / seconds if seconds > 0 else 0:,.0f} rows/s")
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
