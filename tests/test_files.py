@@ -34,6 +34,12 @@ BIG = os.urandom(3 * 1024 * 1024 + 17)  # larger than a copy chunk: streamed in 
 KILL_RECORDS = 40
 
 
+@pytest.fixture(autouse=True)
+def work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PBM_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
 def _spec() -> dict:
     return {"name": "uploads", "fields": [
         {"name": "title", "type": "text"},

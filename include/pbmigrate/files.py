@@ -327,6 +327,10 @@ class LocalStorage:
     def describe(self) -> str:
         return str(self.root)
 
+    def fingerprint(self, coll: Collection, record_id: str, name: str) -> tuple[int, str | None] | None:
+        """Size and `.attrs` md5 of the source file, without reading it (None: no such file)."""
+        return _local_fingerprint(self.root, coll, record_id, name)
+
     def open(self, coll: Collection, record_id: str, name: str) -> tuple[BinaryIO, dict[str, Any]]:
         path = self.root / coll.id / record_id / name
         try:
@@ -342,6 +346,20 @@ class LocalStorage:
         return fh, {"content_type": attrs.get("user.content_type") or None,
                     "original_name": user.get("original-filename") if isinstance(user, dict) else None,
                     "md5": attrs.get("md5") or None}
+
+
+def _local_fingerprint(root: Path, coll: Collection, record_id: str, name: str) -> tuple[int, str | None] | None:
+    path = root / coll.id / record_id / name
+    try:
+        size = os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        with open(str(path) + ATTRS, "rb") as a:
+            md5 = json.loads(a.read()).get("md5") or None
+    except (FileNotFoundError, ValueError):
+        md5 = None
+    return size, md5
 
 
 class _Body:
@@ -380,6 +398,11 @@ class ApiStorage:
 
     def describe(self) -> str:
         return f"{self.api.url}/api/files"
+
+    def fingerprint(self, coll: Collection, record_id: str, name: str) -> None:
+        """Nothing cheaper than a download: PocketBase never reuses a file name, so a complete
+        object under this name is adopted as it is."""
+        return None
 
     def open(self, coll: Collection, record_id: str, name: str) -> tuple[BinaryIO, dict[str, Any]]:
         resp = self.api.open_file(coll.id, record_id, name)
@@ -499,8 +522,10 @@ def copy_one(storage: LocalStorage | ApiStorage, store: FileStore, coll: Collect
     if bad:
         return Outcome(ref, key, "missing", reason=f"bad file name: {bad}")
     have = store.head(key) if store.local else None  # S3 keeps no sha256 to adopt: copy again
-    if have is not None:
-        return Outcome(ref, key, "done", have.size, have.sha256, have.md5, have.content_type, adopted=True)
+    if have is not None:  # an earlier attempt's complete copy: adopted if the source agrees
+        source = storage.fingerprint(coll, ref.record_id, ref.name)
+        if source is None or (source[0] == have.size and source[1] == have.md5):
+            return Outcome(ref, key, "done", have.size, have.sha256, have.md5, have.content_type, adopted=True)
     try:
         src, attrs = storage.open(coll, ref.record_id, ref.name)
     except MissingFile as exc:
