@@ -46,6 +46,7 @@ from pbmigrate.plan import Column, Plan, Table, qi
 log = logging.getLogger("pbmigrate.files")
 
 CHUNK = 1 << 20  # bytes per read: memory per copy stays at one chunk whatever the file's size
+S3_PART = 5 * 1024 * 1024  # s3fs buffers one part (the S3 minimum) per upload, not its default 50 MB
 LEDGER_ROWS = 1000  # outcomes written to pbm_meta.files per transaction
 WORKERS = 4  # concurrent copies: file I/O and hashing release the GIL
 EXAMPLES = 5
@@ -173,8 +174,8 @@ class FileStore:
             meta["md5"] = md5
         # the sha256 is known only at the end: S3 metadata is written with the object, so it goes
         # in the ledger (and is proven by re-reading); the object's own metadata keeps the rest
-        with self.fs.open(self.path(key), "wb", ContentType=content_type or "application/octet-stream",
-                          Metadata=meta) as out:
+        with self.fs.open(self.path(key), "wb", block_size=S3_PART, ContentType=content_type or
+                          "application/octet-stream", Metadata=meta) as out:
             while chunk := src.read(CHUNK):
                 sha.update(chunk)
                 out.write(chunk)
@@ -256,7 +257,8 @@ class FileStore:
         sha, md = hashlib.sha256(), hashlib.md5()
         size = 0
         try:
-            fh = open(self.path(key), "rb") if self.local else self.fs.open(self.path(key), "rb")  # noqa: SIM115
+            fh = (open(self.path(key), "rb") if self.local  # noqa: SIM115
+                  else self.fs.open(self.path(key), "rb", block_size=S3_PART))
         except FileNotFoundError:
             return None
         with fh:
@@ -312,8 +314,6 @@ def unsafe_name(record_id: str, name: str) -> str | None:
     for what, v in (("record id", record_id), ("file name", name)):
         if not v or v in (".", "..") or "/" in v or "\\" in v or "\x00" in v:
             return f"unsafe {what} {v!r}: not a single path component"
-    if name.endswith(ATTRS):
-        return f"file name {name!r} ends with {ATTRS}, PocketBase's sidecar suffix"
     return None
 
 
@@ -596,10 +596,11 @@ def copy_refs(conn: psycopg.Connection, storage: LocalStorage | ApiStorage, stor
     if workers <= 1 or len(refs) < 2:
         for ref in refs:
             account(copy_one(storage, store, coll, ref))
-    else:
+    else:  # a window of LEDGER_ROWS in flight at a time: memory does not grow with the range
         with ThreadPoolExecutor(workers, thread_name_prefix="pbm-files") as pool:
-            for o in pool.map(lambda r: copy_one(storage, store, coll, r), refs):
-                account(o)
+            for start in range(0, len(refs), LEDGER_ROWS):
+                for o in pool.map(lambda r: copy_one(storage, store, coll, r), refs[start:start + LEDGER_ROWS]):
+                    account(o)
     if pending:
         flush()
 

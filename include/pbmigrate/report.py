@@ -114,6 +114,8 @@ def build(conn: psycopg.Connection, run: dict) -> dict[str, Any]:
     stored = files_report(conn, run_id)
     for c in collections:
         c["files"] = stored.get(c["collection"])
+        fcheck = by_table.get(c["table"], {}).get("files")
+        c["files_check"] = fcheck["success"] if fcheck else None
         mine = by_table.get(c["table"], {})
         rej = rejects.get(c["collection"], {"records": 0, "by_reason": []})
         c["rejected"] = rej["records"]
@@ -226,8 +228,12 @@ def render_markdown(rep: dict[str, Any]) -> str:
         lines += ["", "## Files", "", "| collection | files | bytes | missing from the source |", "|---|--:|--:|--:|"]
         lines.extend(f"| {c['collection']} | {c['files']['files']:,} | {c['files']['bytes']:,} | "
                      f"{c['files']['missing']:,} |" for c in with_files)
-        fc = [f for c in rep["collections"] for f in c["checks_failed"] if f["check"] == "files"]
-        lines.append(f"\nEvery object re-read by validation: {'**FAILED**' if fc else 'size and sha256 equal'}.")
+        checked = [c for c in with_files if c.get("files_check") is not None]
+        failed = [c["collection"] for c in checked if not c["files_check"]]
+        if failed:
+            lines.append(f"\nValidation re-read every object: **FAILED** for {', '.join(failed)} (see Failed checks).")
+        elif checked:
+            lines.append("\nValidation re-read every object: size, sha256 and PocketBase's md5 as recorded.")
     rejected = [c for c in rep["collections"] if c["rejects"]]
     if rejected:
         lines += ["", "## Rejected records", ""]
