@@ -48,7 +48,9 @@ log = logging.getLogger("pbmigrate.files")
 CHUNK = 1 << 20  # bytes per read: memory per copy stays at one chunk whatever the file's size
 S3_PART = 5 * 1024 * 1024  # s3fs buffers one part (the S3 minimum) per upload, not its default 50 MB
 LEDGER_ROWS = 1000  # outcomes written to pbm_meta.files per transaction
-WORKERS = 4  # concurrent copies: file I/O and hashing release the GIL
+# concurrent copies per task: file creation, I/O and hashing release the GIL (creating many small
+# files is filesystem metadata work, which overlaps well); PBM_FILES_WORKERS to tune
+WORKERS = int(os.environ.get("PBM_FILES_WORKERS", "4"))
 EXAMPLES = 5
 STAGE = "files"  # pbm_meta.rejects.stage of a file that could not be copied
 ATTRS = ".attrs"
