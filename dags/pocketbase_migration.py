@@ -138,7 +138,7 @@ def pocketbase_migration():
             from pbmigrate import files
 
             return files.plan_file_batches(run, postgres_url(), api=pocketbase_api(),
-                                           max_batches=conf.getint("core", "max_map_length"))
+                                           max_batches=conf.getint("core", "max_map_length"), files=files_store())
 
         @task(map_index_template="{{ files_label }}", max_active_tis_per_dagrun=4)
         @fail_fast

@@ -106,8 +106,9 @@ def _load(pb_data: Path | None, pg_url: str, target: str, api: dict | None = Non
     return run
 
 
-def _copy(run: dict, pg_url: str, store: dict, api: dict | None = None) -> list[dict]:
-    return [files.copy_batch(run, b, pg_url, store, api=api) for b in files.plan_file_batches(run, pg_url, api=api)]
+def _copy(run: dict, pg_url: str, store: dict | None, api: dict | None = None) -> list[dict]:
+    return [files.copy_batch(run, b, pg_url, store, api=api)
+            for b in files.plan_file_batches(run, pg_url, api=api, files=store)]
 
 
 def _file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) -> quality.Check:
@@ -259,7 +260,7 @@ def test_a_retry_after_a_kill_in_the_middle_of_a_collection_copies_nothing_twice
     store = _store(tmp_path)
     root = tmp_path / "store"
     run = _load(pb_data, fresh_pg_url, "fk")
-    (batch,) = files.plan_file_batches(run, fresh_pg_url)
+    (batch,) = files.plan_file_batches(run, fresh_pg_url, files=store)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_COPY, json.dumps([run, batch, fresh_pg_url, store])],
                             env=env)

@@ -639,9 +639,11 @@ def file_tables(plan: Plan) -> list[Table]:
     return [t for t in plan.tables if file_columns(t)]
 
 
-def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batches: int | None = None) -> list[dict]:
+def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batches: int | None = None,
+                      files: dict | str | None = None) -> list[dict]:
     """The data phase's id ranges of every collection with file fields (largest first), one
-    mapped task each: the ranges the ledger proves loaded, so the names come from the target."""
+    mapped task each: the ranges the ledger proves loaded, so the names come from the target.
+    Also writes the store's id -> name index, here, once, before the copies run in parallel."""
     from pbmigrate.pipeline import open_run_source, run_plan
 
     source = open_run_source(run, api)
@@ -653,6 +655,8 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
     if not wanted:
         log.info("no collection of this migration has a file field: nothing to copy")
         return []
+    open_store(store_config(files, run["target_schema"])).write_index(
+        {t.collection.id: t.collection.name for t in wanted.values()})
     with psycopg.connect(pg_url, autocommit=True) as conn:
         ensure_files_meta(conn)
         rows = conn.execute(
@@ -682,7 +686,6 @@ def copy_batch(run: dict, batch: dict, pg_url: str, files: dict | str | None = N
         plan = run_plan(run, source)
         table = plan.table_for(batch["collection"])
         storage = open_storage(run, source)
-        store.write_index({table.collection.id: table.collection.name})
         with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
                 psycopg.connect(pg_url, autocommit=True) as conn:
             ensure_files_meta(conn)
@@ -810,6 +813,7 @@ def resync_files(conn: psycopg.Connection, source: Any, plan: Plan, run: dict, s
     storage = open_storage(run, source)
     run_id = run["run_id"]
     doomed: list[str] = []
+    store.write_index({t.collection.id: t.collection.name for t in tables})
     for t in tables:
         coll = t.collection
         refs = set(target_refs(conn, schema, t))
@@ -829,7 +833,6 @@ def resync_files(conn: psycopg.Connection, source: Any, plan: Plan, run: dict, s
             doomed += [ledger[r][4] for r in gone if ledger[r][0] == "done"]
         result = CopyResult(coll.name, None, None, files=len(refs))
         if new:
-            store.write_index({coll.id: coll.name})
             copy_refs(conn, storage, store, coll, new, run_id, result, workers=WORKERS if store.local else 2)
         if new or gone:
             log.info("re-sync files of %s: copied %d (%d bytes), removed %d, missing %d", coll.name, result.copied,

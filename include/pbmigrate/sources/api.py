@@ -297,8 +297,11 @@ class ApiSource:
         The file token goes in the query string, so errors name the path only."""
         path = "/api/files/" + "/".join(quote(p, safe="") for p in (collection_id, record_id, name))
         for attempt in range(2):
-            resp = self._request("GET", path, params={"token": self.file_token(refresh=attempt > 0)}, stream=True,
-                                 check=False)
+            try:
+                resp = self._request("GET", path, params={"token": self.file_token(refresh=attempt > 0)},
+                                     stream=True, check=False)
+            except SourceError as exc:  # a network error's text may quote the URL, token included
+                raise SourceError(re.sub(r"token=[^&\s'\")]+", "token=***", str(exc))) from None
             if resp.status_code == 200:
                 return resp
             resp.close()
