@@ -33,6 +33,7 @@ bench: venv services
 	$(PY) bench/validate.py
 	$(PY) bench/resync.py
 	$(PY) bench/cache_warmup.py
+	$(PY) bench/files.py
 
 clean:
 	rm -rf .cache demo_out bench/out airflow_home

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,10 +269,6 @@ class FileStore:
                 md.update(chunk)
                 size += len(chunk)
         return size, sha.hexdigest(), _md5_b64(md.digest())
-
-    def read_bytes(self, key: str) -> bytes:
-        with (open(self.path(key), "rb") if self.local else self.fs.open(self.path(key), "rb")) as fh:
-            return fh.read()
 
     def write_index(self, collections: dict[str, str]) -> None:
         """`_collections.json` at the root: collection id -> name, so URLs built with PocketBase's
@@ -874,8 +870,3 @@ def manifest(conn: psycopg.Connection, run: dict, dest: Path) -> dict | None:
                                  "sha256": sha, "md5": md5, "content_type": ctype}, ensure_ascii=False) + "\n")
     return {"path": str(dest), "bytes": total, "files": len(rows), "store": ", ".join(stores)}
 
-
-def iter_keys(conn: psycopg.Connection, run_id: str) -> Iterator[str]:
-    for (key,) in conn.execute("SELECT key FROM pbm_meta.files WHERE run_id = %s AND status = 'done' ORDER BY key",
-                               (run_id,)):
-        yield key
