@@ -43,6 +43,7 @@ bench: venv services
 	$(PY) bench/validate.py
 	$(PY) bench/resync.py
 	$(PY) bench/cache_warmup.py
+	$(PY) bench/files.py
 
 # PocketBase against the game service on the migrated PostgreSQL + Redis, in one command (USERS,
 # DURATION, SPAWN_RATE...: see bench/loadtest/run.py); prints the JSON report's path last.

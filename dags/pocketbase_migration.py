@@ -3,7 +3,8 @@
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
 snapshot of the source, the pre-migration assessment), **schema** (typed tables in the staging
-schema), **data** (one mapped task per id range, then keys, indexes and foreign keys), **cache**
+schema), **data** (one mapped task per id range, then keys, indexes and foreign keys), **files**
+(the uploads behind every file field, one mapped task per id range, into the `pbm_files` store), **cache**
 (warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
 **validate** (one GX checkpoint per table, per-batch checksums, then the gate), and the branch:
 **cut over** (backups, schema swap, feature flag), **hold** (`cutover=manual`: validated, waiting
@@ -20,7 +21,16 @@ from datetime import datetime
 
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
 
-from pbm_airflow import default_args, fail_fast, param_text, pocketbase_api, postgres_url, redis_url, source_params
+from pbm_airflow import (
+    default_args,
+    fail_fast,
+    files_store,
+    param_text,
+    pocketbase_api,
+    postgres_url,
+    redis_url,
+    source_params,
+)
 
 
 @dag(
@@ -122,6 +132,28 @@ def pocketbase_migration():
         loaded >> done
         return done
 
+    @task_group(group_id="files")
+    def files(run: dict, finalized: dict):
+        @task
+        @fail_fast
+        def plan_files(run: dict) -> list[dict]:
+            from pbmigrate import files
+
+            return files.plan_file_batches(run, postgres_url(), api=pocketbase_api(),
+                                           max_batches=conf.getint("core", "max_map_length"), files=files_store())
+
+        @task(map_index_template="{{ files_label }}", max_active_tis_per_dagrun=4)
+        @fail_fast
+        def copy(run: dict, batch: dict) -> dict:
+            from pbmigrate import files
+
+            get_current_context()["files_label"] = batch["label"]
+            return files.copy_batch(run, batch, postgres_url(), files_store(), api=pocketbase_api())
+
+        batches = plan_files(run)
+        finalized >> batches
+        return copy.partial(run=run).expand(batch=batches)
+
     @task_group(group_id="cache")
     def cache(run: dict):
         @task(map_index_template="{{ section }}")
@@ -149,7 +181,8 @@ def pocketbase_migration():
         return sync.final_sync(
             source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
             mapping=param_text(p, "mapping"), collections=p["collections"] or [],
-            overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(), dag_run_id=ctx["run_id"], api=pocketbase_api(),
+            overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(), dag_run_id=ctx["run_id"],
+            api=pocketbase_api(), files=files_store(),
         )
 
     @task(trigger_rule="none_failed_min_one_success")
@@ -170,7 +203,7 @@ def pocketbase_migration():
         def checks(run: dict) -> dict:
             from pbmigrate import quality
 
-            return quality.validate_run(run, postgres_url(), api=pocketbase_api())
+            return quality.validate_run(run, postgres_url(), api=pocketbase_api(), files=files_store())
 
         @task
         @fail_fast
@@ -224,10 +257,11 @@ def pocketbase_migration():
     mode = choose_mode()
     run = prepare(mode)
     done = data(run, schema(run))
+    copied = files(run, done)
     final = final_sync()
     mode >> final
     loaded = loaded_run()
-    [done, final] >> loaded
+    [done, copied, final] >> loaded
     verdict = validate(loaded)
     choice = decide(verdict)
     choice >> cache(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]

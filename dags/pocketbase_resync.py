@@ -26,7 +26,7 @@ from datetime import datetime
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pbm_airflow import default_args, fail_fast, pocketbase_api, postgres_url, source_params
+from pbm_airflow import default_args, fail_fast, files_store, pocketbase_api, postgres_url, source_params
 
 
 @dag(
@@ -62,7 +62,7 @@ def pocketbase_resync():
             return sync.run_resync(
                 source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
                 collections=p["collections"], overlap_seconds=p["overlap_seconds"], force=p["force"],
-                pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(),
+                pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(), files=files_store(),
             )
         except sync.TargetCutOver as exc:
             raise AirflowSkipException(str(exc)) from exc

@@ -6,6 +6,10 @@ Connections (names are stable; runbooks use them):
 - `pbm_redis`: Redis; `extra` may hold `{"db": 0}`, or `{"cluster": true, "startup_nodes":
   "host2:6379,host3:6379"}` for a Redis Cluster (every node listed survives one being down).
 - `pbm_pocketbase`: API mode only; host = the PocketBase URL, login = superuser email, password.
+- `pbm_files`: the file store for PocketBase's uploads; host = a URL (`file:///srv/files/game`, or
+  `s3://bucket/prefix`), login/password = S3 key and secret, `extra` = fsspec/s3fs options
+  (`{"client_kwargs": {"endpoint_url": "http://minio:9000"}}`). Undefined: PBM_FILES_URL, else
+  a directory under PBM_WORK_DIR (`files/<target_schema>`).
 """
 
 from __future__ import annotations
@@ -136,6 +140,28 @@ def hostname() -> str:
     """Airflow's hostname_callable: PBM_HOSTNAME names a worker as if it were its own host, so two
     Celery workers on one machine are told apart in the task instances (`make airflow EXECUTOR=celery`)."""
     return os.environ.get("PBM_HOSTNAME") or socket.getfqdn()
+
+
+def files_store(conn_id: str = "pbm_files") -> dict | None:
+    """`{"url", "options"}` for pbmigrate's file store, or None when the connection is not defined.
+    Passed straight into the engine, never returned to XCom (the options may hold S3 secrets)."""
+    try:
+        c = _conn(conn_id)
+    except Exception:  # optional: the engine then uses PBM_FILES_URL or the work dir
+        return None
+    host = c.host or ""
+    if "://" in host:  # the JSON form: {"conn_type": "fs", "host": "s3://bucket/prefix", ...}
+        url = host
+    elif c.conn_type in ("aws", "s3"):  # s3://bucket/prefix as a URI: host = bucket, schema = prefix
+        url = f"s3://{host}" + (f"/{c.schema}" if c.schema else "")
+    else:  # file:///srv/files as a URI lands in schema
+        url = host or "/" + (c.schema or "").lstrip("/")
+    options = dict(c.extra_dejson)
+    if c.login:
+        options.setdefault("key", c.login)
+    if c.password:
+        options.setdefault("secret", c.password)
+    return {"url": url, "options": options}
 
 
 def default_args() -> dict:

@@ -7,6 +7,7 @@ dag.test() and skip until the migration DAG has its validate group wired in.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -65,8 +66,11 @@ def test_happy_path_cuts_over_live_schema_holds_the_data_and_the_flag_says_postg
     assert one(fresh_pg_url, "SELECT status FROM pbm_meta.runs WHERE run_id = 'happy'") == ("promoted",)
     assert one(fresh_pg_url, "SELECT action, backend FROM pbm_meta.cutovers WHERE run_id = 'happy'") == (
         "cutover", "postgres")
-    # no live schema before, so only the source snapshot is kept, and the report says where
-    assert [b["kind"] for b in result["backups"]] == ["source"]
+    # no live schema before, so only the source snapshot is kept (and the list of the files the
+    # store holds for the run: the store itself stays), and the report says where
+    assert [b["kind"] for b in result["backups"]] == ["files", "source"]
+    listed = Path(result["backups"][0]["path"]).read_text().splitlines()
+    assert len(listed) == 1 + 15 and all(json.loads(line)["sha256"] for line in listed[1:])
     md = Path(result["report"]).read_text()
     assert "**Status: promoted**" in md and run["snapshot_path"] in md and "Gate: **PROMOTE**" in md
 

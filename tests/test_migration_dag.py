@@ -43,6 +43,12 @@ def test_pocketbase_022_fixture_migrates_every_field_of_every_record(run_dag, fr
         batches = conn.execute("SELECT count(*), sum(rows_read) FROM pbm_meta.batches WHERE run_id = %s",
                                (run_id,)).fetchone()
         hashes = conn.execute('SELECT "passwordHash" FROM fx_staging.users ORDER BY id').fetchall()
+        stored = conn.execute("SELECT count(*) FILTER (WHERE status = 'done'), count(*), count(md5) "
+                              "FROM pbm_meta.files WHERE run_id = %s", (run_id,)).fetchone()
+        files_check = conn.execute("SELECT bool_and(success), sum((observed->>'verified')::int) FROM pbm_meta.checks "
+                                   "WHERE run_id = %s AND check_name = 'files'", (run_id,)).fetchone()
+    assert stored == (15, 15, 15)  # every upload of the fixture's record collections (views are not copied)
+    assert files_check == (True, 15)  # each object re-read by validation: size, sha256 and PocketBase's md5
     assert fks >= 20  # single relations and junction tables, all VALID
     assert batches == (13, 22)  # batch_size 2 -> ranges per collection
     assert all(h[0].startswith("$2a$") for h in hashes)  # players can still log in

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import pipeline, quality, report
+from pbmigrate import files, pipeline, quality, report
 from pbmigrate.mapping import load_mapping
 from pbmigrate.plan import build_plan
 from pbmigrate.sources import open_source
@@ -30,6 +30,8 @@ def migrate(pb_data: Path, pg_url: str, target: str, dag_run_id: str, batch_size
     for batch in pipeline.plan_batches(run):
         pipeline.run_batch(run, batch, pg_url)
     pipeline.finalize_run(run, pg_url)
+    for batch in files.plan_file_batches(run, pg_url):  # the files group: validation proves the uploads too
+        files.copy_batch(run, batch, pg_url)
     return run
 
 

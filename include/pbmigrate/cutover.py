@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS pbm_meta.backups (
     id              bigserial PRIMARY KEY,
     run_id          text,
     target_schema   text NOT NULL,
-    kind            text NOT NULL,          -- 'schema' (pg_dump -Fc) or 'source' (the source snapshot)
+    kind            text NOT NULL,          -- 'schema' (pg_dump -Fc), 'source' (the source snapshot) or
+                                            -- 'files' (the list of the store's files the run copied)
     source_name     text NOT NULL,          -- the schema dumped, or the source the snapshot is of
     path            text NOT NULL,
     bytes           bigint,
@@ -214,6 +215,14 @@ def backup(conn: psycopg.Connection, run: dict, pg_url: str) -> list[dict]:
                  info["seconds"])
     else:
         log.info("backup: no live schema %s yet, nothing to dump", target)
+    from pbmigrate.files import manifest
+
+    files = manifest(conn, run, folder / f"files-{stamp}.jsonl")
+    if files is not None:  # the store itself stays: no roll-back deletes it
+        info = {"path": files["path"], "bytes": files["bytes"]}
+        done.append(_record_backup(conn, run, "files", files["store"], info))
+        log.info("backup: %s files (%s bytes) in %s, listed in %s", f"{files['files']:,}", f"{files['bytes']:,}",
+                 files["store"], files["path"])
     snapshot = run.get("snapshot_path")
     candidates = [Path(snapshot)] if snapshot else sorted(report.run_dir(run).glob("*.zip"))
     source = next((p for p in candidates if p.is_file()), None)

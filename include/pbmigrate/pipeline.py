@@ -102,6 +102,8 @@ def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = No
             "source": params["source_path"] or safe_url((api or {}).get("url", "")),
             "source_kind": kind,
             "snapshot_path": snapshot,
+            # the snapshot holds data.db only: files are read from PocketBase's storage beside it
+            "storage_path": str(Path(params["source_path"]).parent / "storage") if kind == "sqlite" else None,
             "params": params,
             "resumed": is_resumed,
         }

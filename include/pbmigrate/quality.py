@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 
 from pbmigrate import checksum, ledger, metrics
+from pbmigrate.files import file_checks
 from pbmigrate.plan import Plan, Table, qi
 from pbmigrate.sources import Source
 
@@ -141,9 +142,9 @@ def ledger_counts(conn: psycopg.Connection, run_id: str) -> dict[str, dict[str, 
 
     A load reject writes one row per bad field, hence DISTINCT record_id.
     """
-    rejected = dict(conn.execute(
-        "SELECT collection, count(DISTINCT record_id) FROM pbm_meta.rejects WHERE run_id = %s GROUP BY 1",
-        (run_id,)).fetchall())
+    rejected = dict(conn.execute(  # a record whose file is missing is loaded: its reject is not a row's
+        "SELECT collection, count(DISTINCT record_id) FROM pbm_meta.rejects WHERE run_id = %s AND stage <> 'files' "
+        "GROUP BY 1", (run_id,)).fetchall())
     out: dict[str, dict[str, Any]] = {}
     for coll, table, read, batches in conn.execute(
         """SELECT collection, min(target_table), sum(rows_read), count(*) FROM pbm_meta.batches
@@ -458,7 +459,7 @@ def resync_checks(conn: psycopg.Connection, source: Source, plan: Plan, schema: 
 
 
 def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, source_counts: dict[str, int],
-             out_dir: Path, source: Source | None = None) -> dict:
+             out_dir: Path, source: Source | None = None, files: dict | None = None) -> dict:
     """Checksums, source coverage and GX checkpoints for every table of `plan` in the staging schema.
 
     The checksums run in a thread beside GX: both mostly wait for PostgreSQL, and GX's import
@@ -486,9 +487,12 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
         if source is None:
             sums_seconds, checks = ledger_future.result()
     checks.extend(gx_checks)
+    files_started = time.monotonic()
+    checks.extend(file_checks(conn, plan, run, files))  # every object re-read: size, sha256, md5
+    files_seconds = time.monotonic() - files_started
     record_checks(conn, run_id, checks)
     seconds = {"checksums": sums_seconds, "gx": gx_seconds, "gx_import": timings["gx_import"],
-               "data_docs": timings["data_docs"], "total": time.monotonic() - started}
+               "data_docs": timings["data_docs"], "files": files_seconds, "total": time.monotonic() - started}
     paths = {"results": str(out_dir / "results.json"), "data_docs": index}
     summary = summarize(run_id, checks, seconds, paths)
     for name, t in summary["tables"].items():
@@ -506,7 +510,7 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.monotonic() - started, result
 
 
-def validate_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
+def validate_run(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:
     """The DAG's validation task: every check of every table, recorded, with a summary for XCom."""
     from pbmigrate.pipeline import open_run_source, run_plan
 
@@ -520,7 +524,7 @@ def validate_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
                 log.info("a re-sync wrote %s: comparing it with %s instead of the ledger's checksums",
                          run["staging_schema"], run.get("snapshot_path") or "the API")
             summary = validate(conn, pg_url, plan, run, source_counts, validation_dir(run),
-                               source if after_resync else None)
+                               source if after_resync else None, files)
     finally:
         source.close()
     for name, t in summary["tables"].items():

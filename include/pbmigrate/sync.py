@@ -41,6 +41,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from pbmigrate import checksum, ledger, meta, metrics, pgcopy
+from pbmigrate import files as files_sync
 from pbmigrate.convert import Reject, multi, parse_datetime
 from pbmigrate.cutover import cut_over_in_effect
 from pbmigrate.errors import ParamError, PbmError, Refused
@@ -49,7 +50,7 @@ from pbmigrate.load import _reject_all
 from pbmigrate.mapping import load_mapping
 from pbmigrate.pipeline import safe_name
 from pbmigrate.plan import Junction, Plan, Table, build_plan, qi
-from pbmigrate.snapshot import take_snapshot
+from pbmigrate.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.sources import Source, open_source
 from pbmigrate.sources.sqlite import SqliteSource, select_sql
 from pbmigrate.sources.sqlite import qi as qi_sqlite
@@ -1031,7 +1032,8 @@ def _initial_since(conn: psycopg.Connection, sync: _TableSync, target: SyncTarge
 
 
 def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTarget, *, resync_id: str,
-           overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, range_rows: int = RANGE_ROWS) -> list[CollectionResult]:
+           overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, range_rows: int = RANGE_ROWS,
+           files: dict | None = None) -> list[CollectionResult]:
     """Bring `target.schema` to what `source` holds, in one transaction; figures per collection."""
     overlap = timedelta(seconds=float(overlap_seconds))
     orphans = target.params.get("orphans", "reject")
@@ -1067,6 +1069,9 @@ def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTar
             raise PbmError(f"re-sync of {target.schema!r} would leave a dangling reference, nothing was "
                            f"written: {exc.diag.message_primary} {exc.diag.message_detail or ''}") from exc
         settle = time.monotonic() - t0
+        # the bytes behind file fields follow the rows, in the same transaction (objects of
+        # removed names are deleted once it has committed)
+        doomed_files = files_sync.resync_files(conn, source, plan, target.run, target.schema, files)
         results = [run.syncs[t.name].result for t in plan.tables]
         for r in results:
             r.seconds += settle / max(1, len(results))
@@ -1090,6 +1095,7 @@ def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTar
                 (resync_id, target.run_id, target.target_schema, target.schema, r.collection, r.table, r.mode,
                  r.rows_read, r.inserted, r.updated, r.deleted, r.rejected, r.ranges_compared, r.ranges_recopied,
                  marks.get(r.collection), r.seconds))
+    files_sync.delete_objects(doomed_files, target.run, files)
     log.info("re-sync %s of %s: %.2f s", resync_id, target.schema, time.monotonic() - started)
     return results
 
@@ -1155,7 +1161,7 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
                pg_url: str,
                resync_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, force: bool = False,
                api: dict | None = None, lock_wait_seconds: float = 60.0, range_rows: int = RANGE_ROWS,
-               snapshot_name: str = "data.db") -> dict:
+               snapshot_name: str = "data.db", files: dict | None = None) -> dict:
     """One re-sync (the `pocketbase_resync` task): snapshot, compare, write, record; a summary.
 
     `source_path`, `mapping` or `collections` left None take the migration run's values
@@ -1175,6 +1181,8 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
         source_path, mapping, collections = recorded_params(target, source_path=source_path, mapping=mapping,
                                                             collections=collections)
         check_params(target, mapping=mapping, collections=collections)
+        if source_path:  # files are read from the storage beside the data.db this re-sync reads
+            target.run["storage_path"] = str(resolve_data_db(source_path).parent / "storage")
         snapshot_path, snapshot_at = None, None
         if source_path:
             snap = take_snapshot(source_path, resync_dir(target_schema) / snapshot_name)
@@ -1193,7 +1201,7 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
                               has_secrets=source.has_secrets)
             check_schema(conn, target.schema, plan)
             results = resync(conn, source, plan, target, resync_id=resync_id, overlap_seconds=overlap_seconds,
-                             range_rows=range_rows)
+                             range_rows=range_rows, files=files)
         finally:
             with contextlib.suppress(sqlite3.Error, OSError):
                 source.close()
@@ -1226,7 +1234,7 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
 def final_sync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
                pg_url: str,
                dag_run_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, api: dict | None = None,
-               lock_wait_seconds: float = 600.0) -> dict:
+               lock_wait_seconds: float = 600.0, files: dict | None = None) -> dict:
     """The last re-sync before cut-over (`pocketbase_migration` with mode=final), with PocketBase
     frozen: returns the migration's run dict, pointed at this re-sync's snapshot, for the gates.
 
@@ -1236,7 +1244,8 @@ def final_sync(*, source_path: str | None, target_schema: str, mapping: str | No
     summary = run_resync(source_path=source_path, target_schema=target_schema, mapping=mapping,
                          collections=collections, pg_url=pg_url, resync_id=f"final:{dag_run_id}",
                          overlap_seconds=overlap_seconds, force=False, api=api, lock_wait_seconds=lock_wait_seconds,
-                         snapshot_name=f"final-{safe_name(dag_run_id)}.db")  # its own file: the gates read it
+                         snapshot_name=f"final-{safe_name(dag_run_id)}.db",  # its own file: the gates read it
+                         files=files)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         target = resolve_target(conn, target_schema)
     run = dict(target.run)

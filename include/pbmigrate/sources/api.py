@@ -46,6 +46,7 @@ IDS_PER_REQUEST = 100  # ids asked for in one filter (well under a page, even 0.
 # bytes of query string, and 0.40 refuses filters over 3,500 characters.
 FILTER_BUDGET = 1800
 TOKEN_MARGIN = 120  # re-authenticate this many seconds before the token expires
+FILE_TOKEN_SECONDS = 60  # file tokens live 120 s (0.22) to 180 s (0.23+): renew well before
 
 # Auth columns of 0.22 that the API never returns (secrets, and internal timestamps).
 LEGACY_UNEXPORTED = frozenset(
@@ -101,6 +102,8 @@ class ApiSource:
         self.logins = 0  # successful superuser logins (re-logins show token expiry or rejection)
         self.retried = 0  # requests repeated after a network failure, 429 or 5xx
         self._auth_lock = threading.Lock()
+        self._file_lock = threading.Lock()
+        self._file_token: tuple[str | None, float] = (None, 0.0)
         self._catalog: Catalog | None = None
         self._html_escape: bool | None = None
         self._filter_backslashes: bool | None = None
@@ -276,6 +279,37 @@ class ApiSource:
             raise SourceError(f"{self.url}: backup {key!r} is not a zip file")
         tmp.replace(target)
         return target
+
+    # -- files -------------------------------------------------------------------------------
+
+    def file_token(self, refresh: bool = False) -> str:
+        """A superuser file token for protected files (short-lived: renewed after 60 s). Never logged."""
+        with self._file_lock:
+            token, at = self._file_token
+            if refresh or token is None or time.monotonic() - at > FILE_TOKEN_SECONDS:
+                token = self._send("POST", "/api/files/token", parse=True)[1]["token"]
+                self._file_token = (token, time.monotonic())
+            return token
+
+    def open_file(self, collection_id: str, record_id: str, name: str) -> requests.Response | None:
+        """`GET /api/files/<collection>/<record>/<name>` streamed (None: 404, no such file).
+
+        The file token goes in the query string, so errors name the path only."""
+        path = "/api/files/" + "/".join(quote(p, safe="") for p in (collection_id, record_id, name))
+        for attempt in range(2):
+            try:
+                resp = self._request("GET", path, params={"token": self.file_token(refresh=attempt > 0)},
+                                     stream=True, check=False)
+            except SourceError as exc:  # a network error's text may quote the URL, token included
+                raise SourceError(re.sub(r"token=[^&\s'\")]+", "token=***", str(exc))) from None
+            if resp.status_code == 200:
+                return resp
+            resp.close()
+            if resp.status_code == 404:
+                return None
+            if resp.status_code not in (401, 403):
+                break
+        raise SourceError(f"{self.url}: GET {path} answered {resp.status_code}")
 
     def delete_backup(self, key: str) -> None:
         self._request("DELETE", f"/api/backups/{quote(key, safe='')}", idempotent=True,
