@@ -146,7 +146,7 @@ def files_store(conn_id: str = "pbm_files") -> dict | None:
     """`{"url", "options"}` for pbmigrate's file store, or None when the connection is not defined.
     Passed straight into the engine, never returned to XCom (the options may hold S3 secrets)."""
     try:
-        c = _conn(conn_id)
+        c = BaseHook.get_connection(conn_id)
     except Exception:  # optional: the engine then uses PBM_FILES_URL or the work dir
         return None
     host = c.host or ""
