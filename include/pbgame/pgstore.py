@@ -73,16 +73,20 @@ class PgStore:
         return sql.Identifier(self.game.names.col(collection, fieldname))
 
     async def resolve(self) -> str:
-        """Pick live or staging (see the class), then build the queries for it."""
-        async with self._lock, self.pool.connection() as conn:
-            cur = await conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
-                                     ([self.live, staging_schema(self.live)],))
-            found = {r[0] for r in await cur.fetchall()}
-        schema = self.live if self.live in found or not found else staging_schema(self.live)
-        if schema != self.schema or not self.profile_types:
-            self.schema = schema
-            await self.prepare()
-        return self.schema
+        """Pick live or staging (see the class), then build the queries for it.
+
+        All of it under the lock: a request that failed on the old schema waits here until the
+        new queries exist, instead of finding the schema switched and retrying a stale query."""
+        async with self._lock:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                                         ([self.live, staging_schema(self.live)],))
+                found = {r[0] for r in await cur.fetchall()}
+            schema = self.live if self.live in found or not found else staging_schema(self.live)
+            if schema != self.schema or not self.profile_types:
+                self.schema = schema
+                await self.prepare()
+            return self.schema
 
     async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
