@@ -9,7 +9,6 @@ from pbmigrate import checksum, pgcopy
 from pbmigrate.catalog import Field
 from pbmigrate.convert import converter_for
 
-UTC = UTC
 TYPES = ["text", "bigint", "double precision", "boolean", "timestamptz", "text[]", "jsonb", "point"]
 JSON = ['{"b":1,"aa":[1.50,2e3,-0.0,1E-7],"a":"x\\u00e9\\n\\"\\u001f","a":"dup"}', 123, '"hello"', "true", "[]",
         None, '{"k": [1, 2, {"z": null}], "s": "x"}', "[\r\n  1,\r\n  2\r\n]", "1e400", 1.5, "null",

@@ -9,8 +9,6 @@ import pytest
 from pbmigrate.catalog import Field
 from pbmigrate.convert import Reject, converter_for
 
-UTC = UTC
-
 
 def conv(ftype: str, **kw):
     return converter_for(Field(kw.pop("name", "f"), ftype, **kw))

@@ -23,7 +23,6 @@ from pbmigrate.catalog import Field
 from pbmigrate.checksum import jsonb_dump
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-UTC = UTC
 
 Converter = Callable[[Any], Any]
 

@@ -62,7 +62,6 @@ RANGE_ROWS = 20_000  # ids per compared range: what one step of the walk holds i
 WRITE_ROWS = 5_000  # rows converted, compared and written at a time
 UNLOADED_STATUSES = frozenset({"running", "failed", "rolled_back", "rolledback"})
 REJECT_STAGES = ("load", "finalize", "resync")  # rejects a re-sync may clear or replace
-UTC = UTC
 
 SYNC_DDL = """
 CREATE TABLE IF NOT EXISTS pbm_meta.resyncs (
