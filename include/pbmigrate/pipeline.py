@@ -20,7 +20,7 @@ from pbmigrate.checks import check_postgres, safe_url
 from pbmigrate.errors import ParamError
 from pbmigrate.finalize import ORPHAN_MODES, finalize
 from pbmigrate.guard import target_lock
-from pbmigrate.load import load_batch
+from pbmigrate.load import BatchResult, load_batch
 from pbmigrate.mapping import Mapping, load_mapping
 from pbmigrate.plan import Plan, build_plan
 from pbmigrate.snapshot import resolve_data_db, take_snapshot
@@ -247,21 +247,21 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
     if "ranges" not in batch:
         return results[0]
     if len(results) > 1:
-        log.info("%s", unit_line(batch["label"], results))
+        log.info("%s", unit_line(results))
     return {"label": batch["label"], "rows_read": sum(r["rows_read"] for r in results),
             "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results}
 
 
-def unit_line(label: str, results: list[dict]) -> str:
-    """The task's one-line summary when it loaded several ranges, in the batches' own format."""
-    collection, _, span = label.partition(" ")
-    def total(key: str) -> int:
+def unit_line(results: list[dict]) -> str:
+    """The task's one-line summary when it loaded several ranges: the batches' own line over the
+    task's span (its ranges are neighbours of one collection, in id order)."""
+    def total(key: str) -> Any:
         return sum(r[key] for r in results)
 
-    read, seconds = total("rows_read"), sum(r["seconds"] for r in results)
-    return (f"{collection} -> {results[0]['table']} {span}: read {read:,}, loaded {total('rows_loaded'):,}, "
-            f"rejected {total('rows_rejected'):,}, junction rows {total('junction_rows'):,}; "
-            f"{len(results)} batches; {read / seconds if seconds > 0 else 0:,.0f} rows/s")
+    whole = BatchResult(results[0]["collection"], results[0]["table"], results[0]["lo"], results[-1]["hi"],
+                        total("rows_read"), total("rows_loaded"), total("rows_rejected"), total("junction_rows"),
+                        checksum="", seconds=total("seconds"))
+    return f"{whole.log_line()} ({len(results)} batches)"
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
