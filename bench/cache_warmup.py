@@ -23,9 +23,9 @@ from pathlib import Path
 
 import psycopg
 
-from pbmigrate.mapping import load_mapping
-from pbmigrate.redisconn import connect, is_cluster, redact
-from pbmigrate.warmup import warm_profiles
+from pbmigrate.cache.client import connect, is_cluster, redact
+from pbmigrate.cache.warmup import warm_profiles
+from pbmigrate.plan.mapping import load_mapping
 
 PG_ADMIN_URL = os.environ.get("PBM_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PBM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")

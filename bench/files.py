@@ -47,7 +47,7 @@ def build(dest: Path, files: int, size_lo: int, size_hi: int, seed: int) -> tupl
     """pb_data with one collection `uploads` holding `files` records of one file each."""
     import random
 
-    from pbmigrate.pbserver import PocketBaseServer
+    from pbdev.pbserver import PocketBaseServer
 
     pb_data = dest / "pb_data"
     with PocketBaseServer(pb_data, version="0.40.6") as pb:
@@ -81,15 +81,15 @@ def build(dest: Path, files: int, size_lo: int, size_hi: int, seed: int) -> tupl
 
 
 def load(pb_data: Path, pg_url: str, target: str, batch_size: int) -> dict:
-    from pbmigrate import pipeline
+    from pbmigrate import tasks
 
-    params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=batch_size,
+    params = tasks.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=batch_size,
                                  collections=["uploads"], orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"bench_{target}")
-    pipeline.create_schema(run, pg_url)
-    for b in pipeline.plan_batches(run):
-        pipeline.run_batch(run, b, pg_url)
-    pipeline.finalize_run(run, pg_url)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"bench_{target}")
+    tasks.create_schema(run, pg_url)
+    for b in tasks.plan_batches(run):
+        tasks.run_batch(run, b, pg_url)
+    tasks.finalize_run(run, pg_url)
     return run
 
 
@@ -135,10 +135,10 @@ def cpu_children() -> float:
 
 
 def reset_ledger(pg_url: str, run_id: str) -> None:
-    from pbmigrate.files import ensure_files_meta
+    from pbmigrate.audit.meta import ensure_meta
 
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        ensure_files_meta(conn)
+        ensure_meta(conn)
         conn.execute("DELETE FROM pbm_meta.files WHERE run_id = %s", (run_id,))
 
 

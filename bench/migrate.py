@@ -53,7 +53,7 @@ def recreate(db: str) -> str:
 def sample(rows: int) -> Path:
     dest = OUT / f"sample-{rows}"
     if not (dest / "pb_data" / "data.db").exists():
-        from pbmigrate.sample import build_sample
+        from pbdev.sample import build_sample
 
         shutil.rmtree(dest, ignore_errors=True)
         build_sample(dest, rows=rows)

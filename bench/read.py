@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from migrate import OUT, sample  # noqa: E402
 
-from pbmigrate.sources import plan_ranges  # noqa: E402
-from pbmigrate.sources.sqlite import SqliteSource  # noqa: E402
+from pbmigrate.source import plan_ranges  # noqa: E402
+from pbmigrate.source.sqlite import SqliteSource  # noqa: E402
 
 
 def read_all(src: SqliteSource, batch_size: int, ordered: bool) -> tuple[int, float, float]:

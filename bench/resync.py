@@ -5,7 +5,7 @@ with nothing changed (targets: under 20 s and under 10 s on the 2-core reference
     python bench/resync.py --pb-data /path/to/pb_data   # reuse a built sample (it is copied, never changed)
     python bench/resync.py --rows 200000 --changed 0.01
 
-Steps: build the sample with `pbmigrate.sample.build_sample` (real PocketBase schema, bulk rows in
+Steps: build the sample with `pbdev.sample.build_sample` (real PocketBase schema, bulk rows in
 PocketBase's storage form), copy its pb_data, full load with the migration's own task functions
 and the game mapping, then change 1% of the rows in the copy as PocketBase would store them (about
 60% updates with `updated` moved to now, 20% inserts, 20% deletes of leaf records), re-sync, and
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import psycopg
 
-from pbmigrate import pipeline, sync
-from pbmigrate.sample import build_sample
+from pbdev.sample import build_sample
+from pbmigrate import sync, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_URL = os.environ.get("PBM_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -96,13 +96,13 @@ def change_rows(data_db: Path, total: int, share: float, seed: int = 11) -> dict
 
 
 def full_load(pb_data: Path, pg_url: str, batch_size: int) -> dict:
-    params = pipeline.run_params(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml",
+    params = tasks.run_params(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml",
                                  batch_size=batch_size, collections=[], orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"bench-{int(time.time())}")
-    pipeline.create_schema(run, pg_url)
-    for batch in pipeline.plan_batches(run):
-        pipeline.run_batch(run, batch, pg_url)
-    pipeline.finalize_run(run, pg_url)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"bench-{int(time.time())}")
+    tasks.create_schema(run, pg_url)
+    for batch in tasks.plan_batches(run):
+        tasks.run_batch(run, batch, pg_url)
+    tasks.finalize_run(run, pg_url)
     return run
 
 

@@ -26,29 +26,30 @@ from pathlib import Path
 
 import psycopg
 
-from pbmigrate import pipeline, quality
+from pbmigrate import tasks
+from pbmigrate.validate import quality
 
 ADMIN_URL = os.environ.get("PBM_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _load(args: tuple[dict, dict, str]) -> dict:
     run, batch, url = args
-    return pipeline.run_batch(run, batch, url)
+    return tasks.run_batch(run, batch, url)
 
 
 def data_phase(pb_data: str, url: str, mapping: str, batch_size: int, workers: int) -> tuple[dict, dict]:
     """prepare (not timed), then the data task group: plan, parallel loads, finalize."""
-    params = pipeline.run_params(source_path=pb_data, target_schema="game", mapping=mapping, batch_size=batch_size,
+    params = tasks.run_params(source_path=pb_data, target_schema="game", mapping=mapping, batch_size=batch_size,
                                  collections=None, orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=url, dag_run_id=f"bench_{uuid.uuid4().hex[:6]}")
-    pipeline.create_schema(run, url)
+    run = tasks.prepare(params=params, pg_url=url, dag_run_id=f"bench_{uuid.uuid4().hex[:6]}")
+    tasks.create_schema(run, url)
     started = time.monotonic()
-    batches = pipeline.plan_batches(run)
+    batches = tasks.plan_batches(run)
     planned = time.monotonic()
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_load, [(run, b, url) for b in batches]))
     loaded = time.monotonic()
-    pipeline.finalize_run(run, url)
+    tasks.finalize_run(run, url)
     done = time.monotonic()
     rows = sum(r["rows_read"] for r in results)
     return run, {"rows": rows, "batches": len(batches), "plan": planned - started, "load": loaded - planned,
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pb_data = args.pb_data
     if not pb_data:
-        from pbmigrate.sample import build_sample
+        from pbdev.sample import build_sample
 
         pb_data = str(args.out / f"rows{args.rows}" / "pb_data")
         if not (Path(pb_data) / "data.db").is_file():

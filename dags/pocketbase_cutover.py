@@ -46,10 +46,10 @@ def pocketbase_cutover():
     @task
     @fail_fast
     def apply() -> dict:
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
         p = get_current_context()["params"]  # nothing to cut over is a refusal: fail_fast, no retry
-        return cutover.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
+        return promote.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
 
     apply()
 

@@ -66,22 +66,22 @@ def pocketbase_migration():
         @task
         @fail_fast
         def snapshot() -> dict:
-            from pbmigrate import pipeline
+            from pbmigrate import tasks
 
             ctx = get_current_context()
             p = ctx["params"]
-            params = pipeline.run_params(
+            params = tasks.run_params(
                 source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
                 mapping=param_text(p, "mapping"), batch_size=p["batch_size"], collections=p["collections"] or [],
                 orphans=p["orphans"],
             )
-            return pipeline.prepare(params=params, pg_url=postgres_url(), dag_run_id=ctx["run_id"],
+            return tasks.prepare(params=params, pg_url=postgres_url(), dag_run_id=ctx["run_id"],
                                     api=pocketbase_api())
 
         @task
         @fail_fast
         def assess(run: dict) -> dict:
-            from pbmigrate import assess
+            from pbmigrate.validate import assess
 
             assess.assess_run(run, postgres_url(), api=pocketbase_api())
             return run
@@ -95,9 +95,9 @@ def pocketbase_migration():
         @task
         @fail_fast
         def create_tables(run: dict) -> list[str]:
-            from pbmigrate import pipeline
+            from pbmigrate import tasks
 
-            return pipeline.create_schema(run, postgres_url(), api=pocketbase_api())
+            return tasks.create_schema(run, postgres_url(), api=pocketbase_api())
 
         return create_tables(run)
 
@@ -106,24 +106,24 @@ def pocketbase_migration():
         @task
         @fail_fast
         def plan_batches(run: dict) -> list[dict]:
-            from pbmigrate import pipeline
+            from pbmigrate import tasks
 
-            return pipeline.plan_batches(run, api=pocketbase_api(), max_batches=conf.getint("core", "max_map_length"))
+            return tasks.plan_batches(run, api=pocketbase_api(), max_batches=conf.getint("core", "max_map_length"))
 
         @task(map_index_template="{{ batch_label }}", max_active_tis_per_dagrun=8)
         @fail_fast
         def load(run: dict, batch: dict) -> dict:
-            from pbmigrate import pipeline
+            from pbmigrate import tasks
 
             get_current_context()["batch_label"] = batch["label"]
-            return pipeline.run_batch(run, batch, postgres_url(), api=pocketbase_api())
+            return tasks.run_batch(run, batch, postgres_url(), api=pocketbase_api())
 
         @task
         @fail_fast
         def finalize(run: dict) -> dict:
-            from pbmigrate import pipeline
+            from pbmigrate import tasks
 
-            return pipeline.finalize_run(run, postgres_url(), api=pocketbase_api())
+            return tasks.finalize_run(run, postgres_url(), api=pocketbase_api())
 
         batches = plan_batches(run)
         tables >> batches
@@ -159,7 +159,7 @@ def pocketbase_migration():
         @task(map_index_template="{{ section }}")
         @fail_fast
         def warm(run: dict, section: str) -> dict:
-            from pbmigrate.warmup import warm_run
+            from pbmigrate.cache.warmup import warm_run
 
             get_current_context()["section"] = section
             return warm_run(run, section, pg_url=postgres_url(), redis_url=redis_url())
@@ -201,16 +201,16 @@ def pocketbase_migration():
         @task
         @fail_fast
         def checks(run: dict) -> dict:
-            from pbmigrate import quality
+            from pbmigrate.validate import quality
 
             return quality.validate_run(run, postgres_url(), api=pocketbase_api(), files=files_store())
 
         @task
         @fail_fast
         def gate(run: dict) -> dict:
-            from pbmigrate import cutover
+            from pbmigrate.cutover import promote
 
-            return cutover.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
+            return promote.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
 
         summary = checks(run)
         verdict = gate(run)
@@ -221,38 +221,38 @@ def pocketbase_migration():
     @fail_fast
     def decide(verdict: dict) -> str:
         """A passed gate warms the cache (a failed warm-up then blocks promotion); a refused one rolls back."""
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
-        return cutover.decide(verdict, "auto", cut_over="cache.warm")
+        return promote.decide(verdict, "auto", cut_over="cache.warm")
 
     @task.branch
     @fail_fast
     def promote(verdict: dict) -> str:
         """cutover=auto: cut over now; manual: hold, validated and warm, for the pocketbase_cutover DAG."""
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
-        return cutover.decide(verdict, get_current_context()["params"]["cutover"])
+        return promote.decide(verdict, get_current_context()["params"]["cutover"])
 
     @task
     @fail_fast
     def cut_over(run: dict) -> dict:
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
-        return cutover.cut_over_run(run, postgres_url(), redis_url())
+        return promote.cut_over_run(run, postgres_url(), redis_url())
 
     @task
     @fail_fast
     def hold(run: dict) -> dict:
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
-        return cutover.hold_run(run, postgres_url())
+        return promote.hold_run(run, postgres_url())
 
     @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
     @fail_fast
     def roll_back(run: dict, verdict: dict) -> None:
-        from pbmigrate import cutover
+        from pbmigrate.cutover import promote
 
-        cutover.roll_back_run(run, postgres_url(), redis_url(), verdict)
+        promote.roll_back_run(run, postgres_url(), redis_url(), verdict)
 
     mode = choose_mode()
     run = prepare(mode)

@@ -118,7 +118,7 @@ class PocketBaseHook(BaseHook):
         self.pocketbase_conn_id = pocketbase_conn_id
 
     def get_conn(self) -> dict[str, Any]:
-        """url/email/password, the arguments of `pbmigrate.sources.api.ApiSource`."""
+        """url/email/password, the arguments of `pbmigrate.source.api.ApiSource`."""
         c = self.get_connection(self.pocketbase_conn_id)
         host = c.host or ""
         scheme = c.conn_type if c.conn_type in ("http", "https") else "http"

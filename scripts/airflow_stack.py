@@ -288,7 +288,7 @@ class Stack:
         info_file = self.sample_dir / "sample.json"
         if db.is_file() and info_file.is_file() and json.loads(info_file.read_text()).get("rows") == self.sample_rows:
             return db.parent
-        from pbmigrate.sample import build_sample
+        from pbdev.sample import build_sample
 
         info = build_sample(self.sample_dir, rows=self.sample_rows)
         info_file.write_text(json.dumps({"rows": self.sample_rows, "superuser": info["superuser"],

@@ -57,8 +57,8 @@ def quiet(log: Path):
 
 
 def summary(pg_url: str, redis_url: str, target: str) -> str:
-    from pbmigrate.assess import render
-    from pbmigrate.redisconn import connect
+    from pbmigrate.cache.client import connect
+    from pbmigrate.validate.assess import render
 
     lines = []
     with psycopg.connect(pg_url) as conn:
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     pg_url = os.environ.get("PBM_POSTGRES_URL", DEFAULT_PG)
     redis_url = os.environ.get("PBM_REDIS_URL", DEFAULT_REDIS)
-    from pbmigrate.checks import safe_url
-    from pbmigrate.sample import build_sample
+    from pbdev.sample import build_sample
+    from pbmigrate.preflight import safe_url
 
     started = time.monotonic()
     print(f"Building a {args.rows:,}-row sample game with a real PocketBase server ...", flush=True)

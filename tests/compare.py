@@ -1,5 +1,5 @@
 """An independent check that every field of every record arrived: reads the source with plain
-sqlite3 and decodes PocketBase's storage rules here, not with pbmigrate.convert."""
+sqlite3 and decodes PocketBase's storage rules here, not with pbmigrate.plan.convert."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from pbmigrate.plan import Plan, qi
+from pbmigrate.plan.model import Plan, qi
 
 
 def _date(v):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pbmigrate.pbserver import PocketBaseServer
+from pbdev.pbserver import PocketBaseServer
 
 SUPERUSER = ("owner@example.com", "owner-pass-12345")
 PASSWORD = "pilot-pass-1234"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pbmigrate.pbserver import PocketBaseServer, generation_of
+from pbdev.pbserver import PocketBaseServer, generation_of
 
 VERSIONS = ("0.22.27", "0.23.12", "0.40.6")
 SUPERUSER = ("root@example.com", "root-pass-12345")

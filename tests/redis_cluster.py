@@ -31,7 +31,7 @@ BUS_OFFSET = 10000  # Redis Cluster's bus listens on port + 10000
 
 @dataclass
 class RedisClusterNodes:
-    """The started cluster: its startup nodes and the URL `pbmigrate.redisconn.connect` takes."""
+    """The started cluster: its startup nodes and the URL `pbmigrate.cache.client.connect` takes."""
 
     nodes: list[tuple[str, int]]
     root: Path

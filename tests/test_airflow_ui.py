@@ -18,7 +18,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from pbmigrate.pbserver import PocketBaseServer
+from pbdev.pbserver import PocketBaseServer
 from tests.stack import Api, running_stack
 
 CHROMIUM = Path("/usr/bin/chromium")

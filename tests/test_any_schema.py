@@ -15,9 +15,11 @@ import pytest
 import redis
 import yaml
 
-from pbmigrate import cli, cutover, pipeline, quality
+from pbmigrate import cli, tasks
+from pbmigrate.cutover import promote
 from pbmigrate.errors import MappingError
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate.source.sqlite import SqliteSource
+from pbmigrate.validate import quality
 from tests.foreign_dbs import ForeignDB, build_farming, build_racing
 from tests.pbdbs import build_every_type_db
 
@@ -145,16 +147,16 @@ def test_type_overrides_numeric_uuid_inet_pass_every_check(fresh_pg_url, racing,
     doc.pop("cache")  # the warm-up is not under test here
     path = tmp_path / "typed.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    params = pipeline.run_params(source_path=str(db), target_schema="typed", mapping=str(path), batch_size=5,
+    params = tasks.run_params(source_path=str(db), target_schema="typed", mapping=str(path), batch_size=5,
                                  collections=None, orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=fresh_pg_url, dag_run_id="typed")
-    pipeline.create_schema(run, fresh_pg_url)
-    for batch in pipeline.plan_batches(run):
-        pipeline.run_batch(run, batch, fresh_pg_url)
-    pipeline.finalize_run(run, fresh_pg_url)
+    run = tasks.prepare(params=params, pg_url=fresh_pg_url, dag_run_id="typed")
+    tasks.create_schema(run, fresh_pg_url)
+    for batch in tasks.plan_batches(run):
+        tasks.run_batch(run, batch, fresh_pg_url)
+    tasks.finalize_run(run, fresh_pg_url)
     summary = quality.validate_run(run, fresh_pg_url)
     assert summary["success"], summary["failures"]
-    verdict = cutover.gate(run, fresh_pg_url, 0)
+    verdict = promote.gate(run, fresh_pg_url, 0)
     assert verdict["promote"], verdict["reasons"]
     with psycopg.connect(fresh_pg_url) as conn:
         types = dict(conn.execute(
@@ -189,9 +191,9 @@ def test_a_mapping_naming_a_missing_collection_fails_after_one_attempt_of_the_fi
 
 
 def _prepare(pb_data: Path, pg_url: str, mapping: Path) -> None:
-    params = pipeline.run_params(source_path=str(pb_data), target_schema="bad", mapping=str(mapping), batch_size=10,
+    params = tasks.run_params(source_path=str(pb_data), target_schema="bad", mapping=str(mapping), batch_size=10,
                                  collections=None, orphans="reject")
-    pipeline.prepare(params=params, pg_url=pg_url, dag_run_id="bad")
+    tasks.prepare(params=params, pg_url=pg_url, dag_run_id="bad")
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -224,8 +226,8 @@ def test_a_bad_mapping_is_one_line_naming_file_key_and_problem_before_anything_i
 
 
 def test_a_derived_view_needs_no_collection_and_replaces_one_of_its_name(racing, tmp_path):
-    from pbmigrate.mapping import load_mapping
-    from pbmigrate.plan import build_plan
+    from pbmigrate.plan.mapping import load_mapping
+    from pbmigrate.plan.model import build_plan
 
     path = tmp_path / "derive.yaml"
     path.write_text("derive:\n  podium: SELECT 1 AS x\n  lap_log: SELECT 2 AS y\n")
@@ -254,7 +256,7 @@ def test_mapping_init_writes_to_stdout_and_fails_in_one_line_on_a_file_that_is_n
 
 def test_mapping_init_through_the_api_matches_the_snapshot_s_collections(racing, tmp_path, capsys):
     """API mode (`--url`): the same collections, fields and cache choices as from the file."""
-    from pbmigrate.pbserver import PocketBaseServer
+    from pbdev.pbserver import PocketBaseServer
     from tests.foreign_dbs import SUPERUSER
 
     data = tmp_path / "pb_data"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.assess import assess, render
-from pbmigrate.mapping import load_mapping
-from pbmigrate.sample import build_sample
-from pbmigrate.sources.sqlite import SqliteSource
+from pbdev.sample import build_sample
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.source.sqlite import SqliteSource
+from pbmigrate.validate.assess import assess, render
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_types_renames_secrets_and_skipped_collections_are_listed(report):
 
 
 def test_collections_without_updated_are_named(fixture_022: Path, tmp_path: Path):
-    from pbmigrate.pbserver import PocketBaseServer
+    from pbdev.pbserver import PocketBaseServer
 
     with PocketBaseServer(tmp_path / "pb_data") as pb:
         pb.create_superuser("admin@example.com", "admin-pass-123")

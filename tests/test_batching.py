@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import re
 
-from pbmigrate.pipeline import pack_ranges
+from pbmigrate.tasks import pack_ranges
 
 LABEL = re.compile(r"^(\w+) \[(\w+)\.\.(\w+)\]$")
 

@@ -27,7 +27,8 @@ from pbgame.cache import (
     RateLimiter,
     SessionStore,
 )
-from pbmigrate.cache import (
+from pbmigrate.cache.client import RedisClient, connect, is_cluster, parse_cluster_url
+from pbmigrate.cache.keys import (
     BACKEND_FLAG_KEY,
     MATCHMAKING_KEY,
     ProfileSpec,
@@ -38,12 +39,11 @@ from pbmigrate.cache import (
     leaderboard_key,
     profile_key,
     ratelimit_key,
-    secret_reason,
     session_key,
     set_backend,
 )
 from pbmigrate.errors import MappingError, PbmError
-from pbmigrate.redisconn import RedisClient, connect, is_cluster, parse_cluster_url
+from pbmigrate.plan.mapping import secret_reason
 
 pytest_plugins = ["tests.redis_cluster"]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.catalog import Catalog, read_catalog
 from pbmigrate.errors import CatalogError, SourceError
-from pbmigrate.snapshot import open_readonly
+from pbmigrate.source.catalog import Catalog, read_catalog
+from pbmigrate.source.snapshot import open_readonly
 from tests.pbdbs import VERSIONS, EveryTypeDB, build_every_type_db
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pbmigrate import checksum, pgcopy
-from pbmigrate.catalog import Field
-from pbmigrate.convert import converter_for
+from pbmigrate import checksum
+from pbmigrate.load import pgcopy
+from pbmigrate.plan.convert import converter_for
+from pbmigrate.source.catalog import Field
 
 TYPES = ["text", "bigint", "double precision", "boolean", "timestamptz", "text[]", "jsonb", "point"]
 JSON = ['{"b":1,"aa":[1.50,2e3,-0.0,1E-7],"a":"x\\u00e9\\n\\"\\u001f","a":"dup"}', 123, '"hello"', "true", "[]",

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from pbmigrate import checksum
-from pbmigrate.columnar.batch import TableConverter, reject_all
-from pbmigrate.columnar.read import sqlite_chunks, tuple_chunks
-from pbmigrate.convert import Reject, multi
-from pbmigrate.mapping import load_mapping
-from pbmigrate.plan import Table, build_plan
-from pbmigrate.sources.sqlite import SqliteSource, qi
+from pbmigrate.load.columnar.batch import TableConverter, reject_all
+from pbmigrate.load.columnar.read import sqlite_chunks, tuple_chunks
+from pbmigrate.plan.convert import Reject, multi
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.plan.model import Table, build_plan
+from pbmigrate.source.sqlite import SqliteSource, qi
 
 HOSTILE = [
     None, "", "x", "\x00", "a\x00b", 0, 1, 2, -1, 1.5, float("inf"), float("nan"), 2**63, -(2**63), True, False,
@@ -160,9 +160,9 @@ JSON_VALUES = [
 
 
 def test_jsonb_text_fast_path_is_exactly_the_converter(pg) -> None:
-    from pbmigrate.catalog import Field
-    from pbmigrate.columnar.vector import jsonb_text
-    from pbmigrate.convert import json_value
+    from pbmigrate.load.columnar.vector import jsonb_text
+    from pbmigrate.plan.convert import json_value
+    from pbmigrate.source.catalog import Field
 
     conv = json_value(Field("j", "json"))
     for raw in JSON_VALUES:

@@ -11,7 +11,7 @@ import pytest
 import redis
 from psycopg.conninfo import conninfo_to_dict
 
-from pbmigrate.checks import safe_url
+from pbmigrate.preflight import safe_url
 
 
 @pytest.fixture

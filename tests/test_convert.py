@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pbmigrate.catalog import Field
-from pbmigrate.convert import Reject, converter_for
+from pbmigrate.plan.convert import Reject, converter_for
+from pbmigrate.source.catalog import Field
 
 
 def conv(ftype: str, **kw):

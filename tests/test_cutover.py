@@ -15,7 +15,8 @@ import psycopg
 import pytest
 import redis
 
-from pbmigrate import cutover, quality
+from pbmigrate.cutover import promote
+from pbmigrate.validate import quality
 from tests.test_quality import BAD_RECORD, migrate, plant_bad_record
 
 
@@ -29,7 +30,7 @@ def validated(pb_data: Path, pg_url: str, dag_run_id: str, max_reject_ratio: flo
               target: str = "live") -> tuple[dict, dict]:
     run = migrate(pb_data, pg_url, target, dag_run_id)
     quality.validate_run(run, pg_url)
-    return run, cutover.gate(run, pg_url, max_reject_ratio)
+    return run, promote.gate(run, pg_url, max_reject_ratio)
 
 
 def schema_oid(pg_url: str, name: str) -> int | None:
@@ -54,9 +55,9 @@ def one(pg_url: str, sql: str, args: tuple = ()):
 def test_happy_path_cuts_over_live_schema_holds_the_data_and_the_flag_says_postgres(
         fresh_pg_url, redis_url, fixture_022):
     run, verdict = validated(fixture_022, fresh_pg_url, "happy")
-    assert verdict["promote"] and cutover.decide(verdict, "auto") == "cut_over"
+    assert verdict["promote"] and promote.decide(verdict, "auto") == "cut_over"
 
-    result = cutover.cut_over_run(run, fresh_pg_url, redis_url)
+    result = promote.cut_over_run(run, fresh_pg_url, redis_url)
 
     assert one(fresh_pg_url, "SELECT count(*) FROM live.demo1") == (3,)
     assert schema_oid(fresh_pg_url, "live_staging") is None and result["previous_schema"] is None
@@ -74,7 +75,7 @@ def test_happy_path_cuts_over_live_schema_holds_the_data_and_the_flag_says_postg
     md = Path(result["report"]).read_text()
     assert "**Status: promoted**" in md and run["snapshot_path"] in md and "Gate: **PROMOTE**" in md
 
-    again = cutover.cut_over(run, fresh_pg_url, redis_url)  # a retried task only sets the flag again
+    again = promote.cut_over(run, fresh_pg_url, redis_url)  # a retried task only sets the flag again
     assert again["already"] and one(fresh_pg_url, "SELECT count(*) FROM pbm_meta.cutovers") == (1,)
 
 
@@ -90,9 +91,9 @@ def test_bad_value_beyond_the_threshold_fails_the_gate_rolls_back_and_leaves_liv
 
     assert not verdict["promote"] and verdict["rejected"] == 1 and verdict["rows_read"] == 22
     assert "more than max_reject_ratio" in verdict["reasons"][0]
-    assert cutover.decide(verdict, "auto") == cutover.decide(verdict, "manual") == "roll_back"
-    with pytest.raises(cutover.PromotionRefused, match="rolled back, not promoted: 1 of 22 records rejected"):
-        cutover.roll_back_run(run, fresh_pg_url, redis_url, verdict)
+    assert promote.decide(verdict, "auto") == promote.decide(verdict, "manual") == "roll_back"
+    with pytest.raises(promote.PromotionRefused, match="rolled back, not promoted: 1 of 22 records rejected"):
+        promote.roll_back_run(run, fresh_pg_url, redis_url, verdict)
     assert schema_oid(fresh_pg_url, "live_staging") is None
     assert schema_oid(fresh_pg_url, "live") == live_oid and one(fresh_pg_url, "SELECT v FROM live.marker") == (1,)
     assert flag(redis_url) == "postgres"
@@ -103,14 +104,14 @@ def test_bad_value_beyond_the_threshold_fails_the_gate_rolls_back_and_leaves_liv
     assert "Gate: **REFUSE**" in md and BAD_RECORD in md and "not one of the select values" in md
 
     # the same rejects within a looser threshold pass the gate
-    assert cutover.gate(run, fresh_pg_url, 0.05)["promote"]
+    assert promote.gate(run, fresh_pg_url, 0.05)["promote"]
 
 
 def test_manual_cutover_then_rollback_restores_the_previous_live_schema_with_its_grants(
         fresh_pg_url, redis_url, fixture_022):
     role = f"pbm_game_{uuid.uuid4().hex[:6]}"
     first, _ = validated(fixture_022, fresh_pg_url, "first")
-    cutover.cut_over_run(first, fresh_pg_url, redis_url)
+    promote.cut_over_run(first, fresh_pg_url, redis_url)
     first_oid = schema_oid(fresh_pg_url, "live")
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role}")
@@ -118,12 +119,12 @@ def test_manual_cutover_then_rollback_restores_the_previous_live_schema_with_its
         conn.execute(f"GRANT SELECT ON live.demo2 TO {role}")
     try:
         second, verdict = validated(fixture_022, fresh_pg_url, "second")
-        assert cutover.decide(verdict, "manual") == "hold"
-        cutover.hold_run(second, fresh_pg_url)
+        assert promote.decide(verdict, "manual") == "hold"
+        promote.hold_run(second, fresh_pg_url)
         assert schema_oid(fresh_pg_url, "live") == first_oid and flag(redis_url) == "postgres"
         assert one(fresh_pg_url, "SELECT status FROM pbm_meta.runs WHERE run_id = 'second'") == ("ready",)
 
-        promoted = cutover.run_action("cutover", "live", fresh_pg_url, redis_url)
+        promoted = promote.run_action("cutover", "live", fresh_pg_url, redis_url)
 
         assert promoted["run_id"] == "second" and schema_oid(fresh_pg_url, "live_previous") == first_oid
         dump = next(b for b in promoted["backups"] if b["kind"] == "schema")
@@ -131,17 +132,17 @@ def test_manual_cutover_then_rollback_restores_the_previous_live_schema_with_its
         assert one(fresh_pg_url, "SELECT has_schema_privilege(%s, 'live', 'USAGE'), "
                    "has_table_privilege(%s, 'live.demo2', 'SELECT')", (role, role)) == (True, True)
 
-        rolled = cutover.run_action("rollback", "live", fresh_pg_url, redis_url, "error rate after cut-over")
+        rolled = promote.run_action("rollback", "live", fresh_pg_url, redis_url, "error rate after cut-over")
 
         assert rolled["action"] == "rollback" and rolled["run_id"] == "second"
         assert schema_oid(fresh_pg_url, "live") == first_oid and schema_oid(fresh_pg_url, "live_rolled_back")
         assert flag(redis_url) == "pocketbase"
         assert one(fresh_pg_url, "SELECT status FROM pbm_meta.runs WHERE run_id = 'second'") == ("rolled_back",)
-        assert cutover.run_action("rollback", "live", fresh_pg_url, redis_url)["run_id"] == "first"
+        assert promote.run_action("rollback", "live", fresh_pg_url, redis_url)["run_id"] == "first"
         assert schema_oid(fresh_pg_url, "live") is None  # before "first" there was no live schema
-        assert cutover.run_action("rollback", "live", fresh_pg_url, redis_url)["action"] == "none"
-        with pytest.raises(cutover.PbmError, match="nothing to cut over"):
-            cutover.run_action("cutover", "live", fresh_pg_url, redis_url)
+        assert promote.run_action("rollback", "live", fresh_pg_url, redis_url)["action"] == "none"
+        with pytest.raises(promote.PbmError, match="nothing to cut over"):
+            promote.run_action("cutover", "live", fresh_pg_url, redis_url)
     finally:
         with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
@@ -151,15 +152,15 @@ def test_manual_cutover_then_rollback_restores_the_previous_live_schema_with_its
 def test_rollback_restores_the_old_live_schema_from_its_pg_dump_when_previous_is_gone(
         fresh_pg_url, redis_url, fixture_022):
     first, _ = validated(fixture_022, fresh_pg_url, "first")
-    cutover.cut_over_run(first, fresh_pg_url, redis_url)
+    promote.cut_over_run(first, fresh_pg_url, redis_url)
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute("UPDATE live.demo2 SET title = 'edited while live' WHERE id = 'llvuca81nly1qls'")
     second, _ = validated(fixture_022, fresh_pg_url, "second")
-    cutover.cut_over_run(second, fresh_pg_url, redis_url)
+    promote.cut_over_run(second, fresh_pg_url, redis_url)
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute("DROP SCHEMA live_previous CASCADE")
 
-    rolled = cutover.roll_back("live", fresh_pg_url, redis_url, "test", run_id="second")
+    rolled = promote.roll_back("live", fresh_pg_url, redis_url, "test", run_id="second")
 
     assert rolled["restored"].startswith("pg_dump ")
     assert one(fresh_pg_url, "SELECT title FROM live.demo2 WHERE id = 'llvuca81nly1qls'") == ("edited while live",)
@@ -172,10 +173,10 @@ def test_cutover_refuses_a_run_that_did_not_pass_the_gate(fresh_pg_url, redis_ur
     plant_bad_record(fixture_022)
     run, verdict = validated(fixture_022, fresh_pg_url, "dirty")
     assert not verdict["promote"]
-    with pytest.raises(cutover.PbmError, match="has not passed the gate"):
-        cutover.cut_over(run, fresh_pg_url, redis_url)
+    with pytest.raises(promote.PbmError, match="has not passed the gate"):
+        promote.cut_over(run, fresh_pg_url, redis_url)
     with pytest.raises(ValueError, match="param cutover"):
-        cutover.decide(verdict, "later")
+        promote.decide(verdict, "later")
     assert schema_oid(fresh_pg_url, "live") is None and flag(redis_url) is None
 
 

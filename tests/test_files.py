@@ -21,8 +21,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import cutover, files, pipeline, quality, report, sync
-from pbmigrate.pbserver import PocketBaseServer, check
+from pbdev.pbserver import PocketBaseServer, check
+from pbmigrate import context, files, sync, tasks
+from pbmigrate.audit import meta
+from pbmigrate.cutover import promote
+from pbmigrate.validate import quality, report
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERUSER = ("root@example.com", "root-pass-12345")
@@ -96,13 +99,13 @@ def _store(tmp_path: Path) -> dict:
 
 def _load(pb_data: Path | None, pg_url: str, target: str, api: dict | None = None) -> dict:
     """prepare, schema and data as the DAG runs them; the run dict."""
-    params = pipeline.run_params(source_path=str(pb_data) if pb_data else "", target_schema=target, mapping="",
+    params = tasks.run_params(source_path=str(pb_data) if pb_data else "", target_schema=target, mapping="",
                                  batch_size=1000, collections=["uploads"], orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"test_{target}", api=api)
-    pipeline.create_schema(run, pg_url, api=api)
-    for b in pipeline.plan_batches(run, api=api):
-        pipeline.run_batch(run, b, pg_url, api=api)
-    pipeline.finalize_run(run, pg_url, api=api)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"test_{target}", api=api)
+    tasks.create_schema(run, pg_url, api=api)
+    for b in tasks.plan_batches(run, api=api):
+        tasks.run_batch(run, b, pg_url, api=api)
+    tasks.finalize_run(run, pg_url, api=api)
     return run
 
 
@@ -111,10 +114,10 @@ def _copy(run: dict, pg_url: str, store: dict | None, api: dict | None = None) -
             for b in files.plan_file_batches(run, pg_url, api=api, files=store)]
 
 
-def _file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) -> quality.Check:
-    source = pipeline.open_run_source(run, api)
+def _file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) -> meta.Check:
+    source = context.open_run_source(run, api)
     try:
-        plan = pipeline.run_plan(run, source)
+        plan = context.run_plan(run, source)
     finally:
         source.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -229,9 +232,9 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
         quality.record_checks(conn, run["run_id"], [check_])
         # ... and the rows are still loaded, so the row count expects them
         assert quality.ledger_counts(conn, run["run_id"])["uploads"]["expected"] == 3 + KILL_RECORDS
-    verdict = cutover.gate(run, fresh_pg_url, 0.0)  # ... which the gate counts like a row's
+    verdict = promote.gate(run, fresh_pg_url, 0.0)  # ... which the gate counts like a row's
     assert not verdict["promote"] and verdict["rejected"] == 2
-    assert cutover.gate(run, fresh_pg_url, 0.5)["promote"]
+    assert promote.gate(run, fresh_pg_url, 0.5)["promote"]
     # the file comes back: a retry of the task settles it, and the reject is gone
     shutil.copy(built["pb_data"] / "storage" / built["collection_id"] / rec["id"] / rec["avatar"],
                 pb_data / "storage" / built["collection_id"] / rec["id"] / rec["avatar"])
@@ -325,8 +328,8 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
     assert again["totals"] == {"inserted": 0, "updated": 0, "deleted": 0, "rejected": 0}
     # the pre-cut-over backup lists the files it covers
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
-        cutover.ensure_tables(conn)
-        done = cutover.backup(conn, run, fresh_pg_url)
+        meta.ensure_meta(conn)
+        done = promote.backup(conn, run, fresh_pg_url)
     listed = next(b for b in done if b["kind"] == "files")
     lines = Path(listed["path"]).read_text().splitlines()
     assert json.loads(lines[0]) == {"store": files.safe_store_url(store["url"]), "files": 44}

@@ -9,8 +9,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import checksum, ledger, pipeline
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate import checksum, context, tasks
+from pbmigrate.load import ledger
+from pbmigrate.source.sqlite import SqliteSource
 
 
 def _seed(db: Path) -> None:
@@ -26,11 +27,11 @@ def _seed(db: Path) -> None:
 
 
 def _migrate(pg_url: str, pb_data: Path, target: str, orphans: str) -> dict:
-    params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=2,
+    params = tasks.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=2,
                                  collections=[], orphans=orphans)
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"test-{target}")
-    pipeline.create_schema(run, pg_url)
-    batches = pipeline.plan_batches(run)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"test-{target}")
+    tasks.create_schema(run, pg_url)
+    batches = tasks.plan_batches(run)
     sizes = [b["rows"] for b in batches]
     assert sizes == sorted(sizes, reverse=True)  # largest first, for the scheduler
     ranges = [r for b in batches for r in b["ranges"]]
@@ -39,14 +40,14 @@ def _migrate(pg_url: str, pb_data: Path, target: str, orphans: str) -> dict:
     for b in batches:  # a task is named for the one collection and id span it loads
         assert b["label"] == f"{b['ranges'][0]['collection']} [{b['ranges'][0]['lo']}..{b['ranges'][-1]['hi']}]"
     for batch in batches:
-        pipeline.run_batch(run, batch, pg_url)
-    run["finalize"] = pipeline.finalize_run(run, pg_url)
+        tasks.run_batch(run, batch, pg_url)
+    run["finalize"] = tasks.finalize_run(run, pg_url)
     return run
 
 
 def _assert_ledger_matches_target(pg_url: str, run: dict) -> None:
     source = SqliteSource(run["snapshot_path"])
-    plan = pipeline.run_plan(run, source)
+    plan = context.run_plan(run, source)
     source.close()
     with psycopg.connect(pg_url) as conn:
         for t in plan.tables:
@@ -85,7 +86,7 @@ def test_orphans_and_duplicates_are_decided_recorded_and_the_ledger_still_matche
 def test_finalize_run_twice_changes_nothing(fresh_pg_url, fixture_022):
     _seed(fixture_022 / "data.db")
     run = _migrate(fresh_pg_url, fixture_022, "twice", "reject")
-    again = pipeline.finalize_run(run, fresh_pg_url)
+    again = tasks.finalize_run(run, fresh_pg_url)
     timings = ("seconds", "steps")
     first = {k: v for k, v in run["finalize"].items() if k not in timings}
     assert {k: v for k, v in again.items() if k not in timings} == first

@@ -19,9 +19,9 @@ import pytest
 import redis
 import requests
 
+from pbdev.pbserver import PocketBaseServer, check
+from pbdev.sample import SEASONS, build_sample
 from pbgame.testbed import GameServer, migrate, shadow_counts
-from pbmigrate.pbserver import PocketBaseServer, check
-from pbmigrate.sample import SEASONS, build_sample
 from tests.conftest import REDIS_TEST_URL, _create_db, _drop_db
 
 NEW_PASSWORD = "changed-before-migration-1"
@@ -315,6 +315,6 @@ def test_the_application_and_the_engine_stay_apart() -> None:
     code = ("import sys, pbgame.service, pbgame.testbed; "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'airflow'], 'airflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    code = ("import sys, pbmigrate.pipeline, pbmigrate.warmup, pbmigrate.cutover, pbmigrate.cache; "
+    code = ("import sys, pbmigrate.tasks, pbmigrate.cache.warmup, pbmigrate.cutover.promote, pbmigrate.cache.keys; "
             "assert 'pbgame' not in sys.modules, 'the engine imported pbgame'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -8,9 +8,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate.mapping import load_mapping
-from pbmigrate.plan import build_plan
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.plan.model import build_plan
+from pbmigrate.source.sqlite import SqliteSource
 from tests.compare import assert_migrated
 
 
@@ -99,8 +99,8 @@ def test_api_mode_migrates_through_a_running_server_and_keeps_no_secrets(run_dag
                                                                         monkeypatch: pytest.MonkeyPatch):
     from urllib.parse import quote
 
-    from pbmigrate.pbserver import PocketBaseServer
-    from pbmigrate.sample import build_sample
+    from pbdev.pbserver import PocketBaseServer
+    from pbdev.sample import build_sample
 
     info = build_sample(tmp_path / "sample", rows=600, api_users=2)
     su = info["superuser"]

@@ -7,7 +7,7 @@
 - pbmigrate's metrics pushed the way batch tasks push them, into a real Pushgateway scraped by a
   real Prometheus (Debian's packages, installed here with apt when missing), read back with PromQL,
   and every dashboard query run in that Prometheus;
-- every metric a dashboard panel queries is one pbmigrate pushes (pbmigrate.metrics.METRICS) or one
+- every metric a dashboard panel queries is one pbmigrate pushes (pbmigrate.audit.metrics.METRICS) or one
   that Airflow 3.3 emits (its own metrics registry) after monitoring/statsd/mapping.yml renamed it.
 """
 
@@ -35,7 +35,7 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
-from pbmigrate import metrics
+from pbmigrate.audit import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yaml"
@@ -198,7 +198,7 @@ def test_compose_stack_has_every_service_and_nothing_dangling() -> None:
 
 def test_env_example_connections_reach_the_compose_services(monkeypatch: pytest.MonkeyPatch) -> None:
     """The AIRFLOW_CONN_PBM_* values, read by the same plugin functions the DAG tasks call."""
-    from pbmigrate.redisconn import parse_cluster_url
+    from pbmigrate.cache.client import parse_cluster_url
 
     env = _env()
     for name, value in env.items():
@@ -494,7 +494,7 @@ def test_push_failure_logs_a_warning_and_never_raises(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(metrics.ENV_URL, f"http://pbm:s3cret@127.0.0.1:{_free_port()}")  # nothing listens
-    with caplog.at_level(logging.WARNING, logger="pbmigrate.metrics"):
+    with caplog.at_level(logging.WARNING, logger="pbmigrate.audit.metrics"):
         assert metrics.push_batch("users", 1, 1, 0, 0.1, "manual__x", batch=3) is False
         assert metrics.push_batch("users", None, 1, 0, None, "manual__x", batch=3) is False  # type: ignore[arg-type]
     assert "push to Pushgateway 127.0.0.1:" in caplog.text
@@ -656,14 +656,14 @@ def test_dashboard_is_provisioned_and_laid_out_for_a_person() -> None:
 
 
 def _pipeline_pushes_metrics() -> bool:
-    spec = importlib.util.find_spec("pbmigrate.pipeline")
+    spec = importlib.util.find_spec("pbmigrate.tasks")
     return bool(spec and spec.origin and "push_batch" in Path(spec.origin).read_text())
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (ROOT / "dags" / "pocketbase_migration.py").exists() or not _pipeline_pushes_metrics(),
-    reason="LEAD: runs once pbmigrate.pipeline.run_batch calls metrics.push_batch",
+    reason="LEAD: runs once pbmigrate.tasks.run_batch calls metrics.push_batch",
 )
 def test_dag_test_migration_metrics_reach_prometheus(
     prometheus_stack: Stack,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.pbserver import PocketBaseServer, check, generation_of, pocketbase_binary
+from pbdev.pbserver import PocketBaseServer, check, generation_of, pocketbase_binary
 
 
 def test_versions_map_to_generations() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg.pq import Format
 
-from pbmigrate import pgcopy
+from pbmigrate.load import pgcopy
 
 HOSTILE_LISTS = [
     [],

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from pbmigrate.errors import MappingError
-from pbmigrate.mapping import load_mapping, parse_mapping
-from pbmigrate.plan import build_plan, qi
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate.plan.mapping import load_mapping, parse_mapping
+from pbmigrate.plan.model import build_plan, qi
+from pbmigrate.source.sqlite import SqliteSource
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_indexes_translate_partial_and_nocase_and_refuse_what_they_cannot(catalo
 
 
 def test_nocase_index_becomes_lower(catalog):
-    from pbmigrate.plan import _translate
+    from pbmigrate.plan.model import _translate
 
     idx = _translate("CREATE UNIQUE INDEX `idx_u` ON `users` (`username` COLLATE NOCASE)", "players",
                      {"username": "user name"})
@@ -67,7 +67,7 @@ def test_nocase_index_becomes_lower(catalog):
 
 
 def test_expression_index_is_reported_not_guessed():
-    from pbmigrate.plan import _translate
+    from pbmigrate.plan.model import _translate
 
     assert isinstance(_translate("CREATE INDEX i ON t (json_extract(x, '$.a'))", "t", {"x": "x"}), str)
 

@@ -13,23 +13,24 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import files, pipeline, quality, report
-from pbmigrate.mapping import load_mapping
-from pbmigrate.plan import build_plan
-from pbmigrate.sources import open_source
+from pbmigrate import files, tasks
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.plan.model import build_plan
+from pbmigrate.source import open_source
+from pbmigrate.validate import quality, report
 
 BAD_RECORD = "qjeql998mtp1azp"  # a demo5 record nothing points at, so rejecting it orphans nothing
 
 
 def migrate(pb_data: Path, pg_url: str, target: str, dag_run_id: str, batch_size: int = 3) -> dict:
     """The data phase of one run, task by task, as the DAG calls it; returns the run dict."""
-    params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=batch_size,
+    params = tasks.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=batch_size,
                                  collections=None, orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=dag_run_id)
-    pipeline.create_schema(run, pg_url)
-    for batch in pipeline.plan_batches(run):
-        pipeline.run_batch(run, batch, pg_url)
-    pipeline.finalize_run(run, pg_url)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=dag_run_id)
+    tasks.create_schema(run, pg_url)
+    for batch in tasks.plan_batches(run):
+        tasks.run_batch(run, batch, pg_url)
+    tasks.finalize_run(run, pg_url)
     for batch in files.plan_file_batches(run, pg_url):  # the files group: validation proves the uploads too
         files.copy_batch(run, batch, pg_url)
     return run

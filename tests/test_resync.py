@@ -18,12 +18,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import pipeline, sync
-from pbmigrate.mapping import load_mapping
-from pbmigrate.pbserver import PocketBaseServer, check
-from pbmigrate.plan import build_plan
-from pbmigrate.snapshot import take_snapshot
-from pbmigrate.sources.sqlite import SqliteSource
+from pbdev.pbserver import PocketBaseServer, check
+from pbmigrate import sync, tasks
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.plan.model import build_plan
+from pbmigrate.source.snapshot import take_snapshot
+from pbmigrate.source.sqlite import SqliteSource
 
 EMAIL, PASSWORD = "root@example.com", "root-pass-12345"
 AUTHORS, TAGS, POSTS = 12, 30, 30
@@ -107,13 +107,13 @@ def env(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, request: p
         posts = [pb.create_record("posts", {"title": f"post {i}", "author": authors[i % AUTHORS],
                                             "tags": [tags[i % TAGS], tags[(i * 7 + 3) % TAGS]]})["id"]
                  for i in range(POSTS)]
-        params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=8,
+        params = tasks.run_params(source_path=str(pb_data), target_schema=target, mapping="", batch_size=8,
                                      collections=[], orphans=getattr(request, "param", "reject"))
-        run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"full-{target}")
-        pipeline.create_schema(run, pg_url)
-        for batch in pipeline.plan_batches(run):
-            pipeline.run_batch(run, batch, pg_url)
-        pipeline.finalize_run(run, pg_url)
+        run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"full-{target}")
+        tasks.create_schema(run, pg_url)
+        for batch in tasks.plan_batches(run):
+            tasks.run_batch(run, batch, pg_url)
+        tasks.finalize_run(run, pg_url)
         yield Env(pb, pb_data, pg_url, target, run, authors, tags, posts)
 
 
@@ -326,13 +326,13 @@ def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
                      "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
     with pytest.raises(sync.TargetCutOver):
         env.resync()
-    params = pipeline.run_params(source_path=str(env.pb_data), target_schema=env.target, mapping="", batch_size=8,
+    params = tasks.run_params(source_path=str(env.pb_data), target_schema=env.target, mapping="", batch_size=8,
                                  collections=[], orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=env.pg_url, dag_run_id=f"again-{env.target}")  # cutover=manual
-    pipeline.create_schema(run, env.pg_url)
-    for batch in pipeline.plan_batches(run):
-        pipeline.run_batch(run, batch, env.pg_url)
-    pipeline.finalize_run(run, env.pg_url)
+    run = tasks.prepare(params=params, pg_url=env.pg_url, dag_run_id=f"again-{env.target}")  # cutover=manual
+    tasks.create_schema(run, env.pg_url)
+    for batch in tasks.plan_batches(run):
+        tasks.run_batch(run, batch, env.pg_url)
+    tasks.finalize_run(run, env.pg_url)
     env.update("authors", env.authors[2], {"score": 99})
 
     summary = env.resync()

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from pbmigrate.catalog import read_catalog
-from pbmigrate.pbserver import PocketBaseServer
-from pbmigrate.sample import COLLECTIONS, PLAYER_PASSWORD, build_sample, main
-from pbmigrate.snapshot import open_readonly
+from pbdev.pbserver import PocketBaseServer
+from pbdev.sample import COLLECTIONS, PLAYER_PASSWORD, build_sample, main
+from pbmigrate.source.catalog import read_catalog
+from pbmigrate.source.snapshot import open_readonly
 
 ID = re.compile(r"^[a-z0-9]{15}$")
 DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z$")

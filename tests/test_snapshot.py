@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.catalog import read_catalog
+from pbdev.pbserver import PBSession, PocketBaseServer, check
 from pbmigrate.errors import SourceError
-from pbmigrate.pbserver import PBSession, PocketBaseServer, check
-from pbmigrate.snapshot import open_readonly, take_snapshot
+from pbmigrate.source.catalog import read_catalog
+from pbmigrate.source.snapshot import open_readonly, take_snapshot
 
 BATCH = 5
 

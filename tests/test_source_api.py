@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.catalog import Collection, Field
+from pbdev.pbserver import PocketBaseServer
 from pbmigrate.errors import SourceError
-from pbmigrate.pbserver import PocketBaseServer
-from pbmigrate.snapshot import take_snapshot
-from pbmigrate.sources.api import SECRETS_WARNING, ApiSource, _split_points
-from pbmigrate.sources.sqlite import SqliteSource
+from pbmigrate.source.api import SECRETS_WARNING, ApiSource, _split_points
+from pbmigrate.source.catalog import Collection, Field
+from pbmigrate.source.snapshot import take_snapshot
+from pbmigrate.source.sqlite import SqliteSource
 
 EMAIL, PASSWORD = "root@example.com", "root-pass-12345"
 BULK_ROWS = 2500  # past both perPage caps (500 on 0.22, 1000 on 0.23+)

@@ -17,10 +17,9 @@ import psycopg
 import pytest
 import redis
 
-from pbmigrate.cache import game_state_key, leaderboard_key, profile_key, secret_reason
-from pbmigrate.errors import MappingError, TargetError
-from pbmigrate.redisconn import RedisClient, connect
-from pbmigrate.warmup import (
+from pbmigrate.cache.client import RedisClient, connect
+from pbmigrate.cache.keys import game_state_key, leaderboard_key, profile_key
+from pbmigrate.cache.warmup import (
     keys_by_pattern,
     parse_cache_config,
     warm_all,
@@ -28,6 +27,8 @@ from pbmigrate.warmup import (
     warm_leaderboards,
     warm_profiles,
 )
+from pbmigrate.errors import MappingError, TargetError
+from pbmigrate.plan.mapping import secret_reason
 
 pytest_plugins = ["tests.redis_cluster"]
 
@@ -234,7 +235,7 @@ def test_secret_and_unknown_fields_are_refused_before_any_write(
 
 
 def test_the_mapping_files_cache_section_is_accepted() -> None:
-    from pbmigrate.mapping import load_mapping
+    from pbmigrate.plan.mapping import load_mapping
 
     cfg = parse_cache_config(load_mapping("game.yaml").cache)
     assert cfg.profiles and cfg.leaderboards and cfg.game_state
@@ -301,7 +302,7 @@ def test_warm_up_and_cache_aside_write_the_same_text(
 ) -> None:
     """Both paths share one query, so a profile looks the same whoever cached it."""
     from pbgame.cache import PostgresProfiles, ProfileCache
-    from pbmigrate.cache import ProfileSpec
+    from pbmigrate.cache.keys import ProfileSpec
 
     pg.execute(
         f"""CREATE TABLE IF NOT EXISTS {schema}.typed (id text PRIMARY KEY, nick varchar(20), active boolean,
@@ -328,7 +329,7 @@ def test_warm_up_and_cache_aside_write_the_same_text(
 
 def test_warm_run_is_what_a_dag_task_calls(redis_url: str, pg_url: str, schema: str) -> None:
     """URLs and the run dict in, a JSON report out; the config is the mapping's cache: section."""
-    from pbmigrate.warmup import warm_run
+    from pbmigrate.cache.warmup import warm_run
 
     run = {"params": {"mapping": "game.yaml"}, "staging_schema": schema}
     reports = [warm_run(run, section, pg_url=pg_url, redis_url=redis_url) for section in ("profiles", "game_state")]

@@ -40,10 +40,10 @@ import psutil
 import psycopg
 import redis
 
+from pbdev.pbserver import PocketBaseServer
+from pbdev.sample import build_sample
 from pbgame.cache import SessionStore
 from pbgame.testbed import GameServer, free_port, migrate
-from pbmigrate.pbserver import PocketBaseServer
-from pbmigrate.sample import build_sample
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -23,18 +23,18 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from pbgame.cache import (
-    _FILL_PROFILE,
-    _INVALIDATE_PROFILE,
-    _MM_JOIN,
-    _MM_POP,
-    _RATE_HIT,
-    _RELEASE,
+    FILL_PROFILE,
+    INVALIDATE_PROFILE,
+    MM_JOIN,
+    MM_POP,
+    RATE_HIT,
+    RELEASE_LOCK,
     RateDecision,
     jittered,
     temp_leaderboard_key,
 )
-from pbmigrate.cache import (
-    _SWAP_LEADERBOARD,
+from pbmigrate.cache.client import CLUSTER_SCHEMES, parse_cluster_url
+from pbmigrate.cache.keys import (
     BACKEND_FLAG_KEY,
     BACKENDS,
     LEADERBOARD_TTL,
@@ -46,14 +46,14 @@ from pbmigrate.cache import (
     PROFILE_VERSION_TTL,
     RATELIMIT_WINDOW,
     SESSION_TTL,
-    _part,
+    SWAP_LEADERBOARD,
     colocated_key,
+    key_part,
     leaderboard_key,
     profile_key,
     ratelimit_key,
     session_key,
 )
-from pbmigrate.redisconn import CLUSTER_SCHEMES, parse_cluster_url
 
 log = logging.getLogger("pbgame")
 AsyncRedis = aredis.Redis | RedisCluster
@@ -69,7 +69,7 @@ return 1
 
 
 def connect(url: str, *, max_connections: int = 64) -> AsyncRedis:
-    """An asyncio client for the URL forms of `pbmigrate.redisconn` (single or cluster)."""
+    """An asyncio client for the URL forms of `pbmigrate.cache.client` (single or cluster)."""
     scheme = url.partition("://")[0]
     query = dict(parse_qsl(urlsplit(url).query)) if "?" in url else {}
     common: dict[str, Any] = {"decode_responses": True, "socket_timeout": 5.0, "socket_connect_timeout": 5.0,
@@ -164,8 +164,8 @@ class Profiles:
         self.ttl = ttl
         self.jitter = jitter
         self.missing_ttl = missing_ttl
-        self._fill = client.register_script(_FILL_PROFILE)
-        self._invalidate = client.register_script(_INVALIDATE_PROFILE)
+        self._fill = client.register_script(FILL_PROFILE)
+        self._invalidate = client.register_script(INVALIDATE_PROFILE)
 
     @staticmethod
     def keys(player_id: str) -> list[str]:
@@ -204,8 +204,8 @@ class Leaderboards:
         self.ttl = ttl
         self.lock_ttl = lock_ttl
         self.wait = wait
-        self._swap = client.register_script(_SWAP_LEADERBOARD)
-        self._release = client.register_script(_RELEASE)
+        self._swap = client.register_script(SWAP_LEADERBOARD)
+        self._release = client.register_script(RELEASE_LOCK)
         self._update = client.register_script(_BOARD_UPDATE)
 
     async def _read(self, season: str, n: int) -> list[Entry]:
@@ -259,7 +259,7 @@ class RateLimit:
         self.client = client
         self.limits = dict(limits)
         self.window_ms = max(1, int(window * 1000))
-        self._hit = client.register_script(_RATE_HIT)
+        self._hit = client.register_script(RATE_HIT)
 
     async def hit(self, ip: str, action: str) -> RateDecision:
         limit = self.limits[action]
@@ -274,11 +274,11 @@ class Matchmaking:
         self.client = client
         self.key = key
         self.seq_key = colocated_key(key, "seq")
-        self._join = client.register_script(_MM_JOIN)
-        self._pop = client.register_script(_MM_POP)
+        self._join = client.register_script(MM_JOIN)
+        self._pop = client.register_script(MM_POP)
 
     async def join(self, player_id: str) -> tuple[bool, int | None]:
-        added = bool(await self._join(keys=[self.key, self.seq_key], args=[_part("player id", player_id)]))
+        added = bool(await self._join(keys=[self.key, self.seq_key], args=[key_part("player id", player_id)]))
         return added, await self.client.zrank(self.key, player_id)
 
     async def pop(self, size: int) -> list[str]:

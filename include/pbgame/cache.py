@@ -1,12 +1,12 @@
 """The cache layer's runtime classes, synchronous (scripts, workers, tests): the game's Redis use.
 
 Sessions, cache-aside profiles over PostgreSQL, leaderboards, game state, rate limiting and
-matchmaking, on the key schema of `pbmigrate.cache` (which the migration's warm-up writes, so a
+matchmaking, on the key schema of `pbmigrate.cache.keys` (which the migration's warm-up writes, so a
 warmed key and a key this layer fills look the same). The game API service uses the asyncio twin
 `pbgame.acache`, which runs the very same Lua scripts defined here.
 
 Every class works unchanged with ``redis.Redis`` and ``redis.cluster.RedisCluster``
-(`pbmigrate.redisconn.connect` builds either). Atomic steps are Lua scripts registered with
+(`pbmigrate.cache.client.connect` builds either). Atomic steps are Lua scripts registered with
 ``register_script`` (single-slot, so cluster-safe).
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from pbmigrate.cache import (
-    _SWAP_LEADERBOARD,
+from pbmigrate.cache.client import RedisClient
+from pbmigrate.cache.keys import (
     GAME_STATE_TTL,
     LEADERBOARD_TTL,
     MATCHMAKING_KEY,
@@ -36,22 +36,22 @@ from pbmigrate.cache import (
     PROFILE_VERSION_TTL,
     RATELIMIT_WINDOW,
     SESSION_TTL,
+    SWAP_LEADERBOARD,
     LeaderboardSpec,
     ProfileSpec,
-    _part,
-    _s,
     check_columns,
     colocated_key,
     game_state_key,
+    key_part,
     leaderboard_key,
     leaderboard_query,
     profile_key,
     profile_mapping,
     profile_query,
     ratelimit_key,
+    reply_text,
     session_key,
 )
-from pbmigrate.redisconn import RedisClient
 
 # --------------------------------------------------------------------------- sessions
 
@@ -87,7 +87,7 @@ class SessionStore:
 # KEYS: profile, version. ARGV: version seen before reading PostgreSQL, ttl, field, value, ...
 # Refuses the fill if the profile was invalidated meanwhile: a reader that loaded the old row
 # before a writer committed must not put it back for an hour.
-_FILL_PROFILE = """
+FILL_PROFILE = """
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
@@ -96,7 +96,7 @@ return 1
 """
 
 # KEYS: profile, version. ARGV: version ttl.
-_INVALIDATE_PROFILE = """
+INVALIDATE_PROFILE = """
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return redis.call('DEL', KEYS[1])
@@ -177,8 +177,8 @@ class ProfileCache:
         self.ttl = ttl
         self.jitter = jitter
         self.missing_ttl = missing_ttl
-        self._fill = client.register_script(_FILL_PROFILE)
-        self._invalidate = client.register_script(_INVALIDATE_PROFILE)
+        self._fill = client.register_script(FILL_PROFILE)
+        self._invalidate = client.register_script(INVALIDATE_PROFILE)
 
     @staticmethod
     def keys(player_id: str) -> tuple[str, str]:
@@ -190,9 +190,9 @@ class ProfileCache:
         key, ver_key = self.keys(player_id)
         cached = self.client.hgetall(key)
         if cached:
-            cached = {_s(k): _s(v) for k, v in cached.items()}
+            cached = {reply_text(k): reply_text(v) for k, v in cached.items()}
             return None if MISSING_FIELD in cached else cached
-        seen = _s(self.client.get(ver_key)) or "0"
+        seen = reply_text(self.client.get(ver_key)) or "0"
         row = self.source.load(player_id)
         if row is None:
             if self.missing_ttl > 0:
@@ -220,7 +220,7 @@ class ProfileCache:
 # --------------------------------------------------------------------------- leaderboards
 
 # KEYS: lock. ARGV: token. Release only a lock we still hold.
-_RELEASE = """
+RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -258,8 +258,8 @@ class Leaderboard:
         self.chunk = chunk
         self.lock_ttl = lock_ttl
         self.wait = wait
-        self._swap = client.register_script(_SWAP_LEADERBOARD)
-        self._release = client.register_script(_RELEASE)
+        self._swap = client.register_script(SWAP_LEADERBOARD)
+        self._release = client.register_script(RELEASE_LOCK)
 
     def build(self, temp: str, entries: Iterable[Entry]) -> int:
         """ZADD `entries` into `temp` in pipelined chunks; the temp key expires if never swapped."""
@@ -296,7 +296,7 @@ class Leaderboard:
 
     def _read(self, season: object, n: int) -> list[Entry]:
         rows = self.client.zrevrange(leaderboard_key(season), 0, n - 1, withscores=True)
-        return [(_s(m), float(v)) for m, v in rows]
+        return [(reply_text(m), float(v)) for m, v in rows]
 
     def top(self, season: object, n: int = 10) -> list[Entry]:
         """The best `n` (member, score); rebuilt from the source if the board expired."""
@@ -370,7 +370,7 @@ class GameStateStore:
 
 # KEYS: counter. ARGV: cost, window ms. A fixed window that starts at the first hit; the
 # expiry is set in the same atomic step, so a counter can never be left without one.
-_RATE_HIT = """
+RATE_HIT = """
 local count = redis.call('INCRBY', KEYS[1], ARGV[1])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
@@ -406,7 +406,7 @@ class RateLimiter:
         self.client = client
         self.limit = limit
         self.window_ms = max(1, int(window * 1000))
-        self._hit = client.register_script(_RATE_HIT)
+        self._hit = client.register_script(RATE_HIT)
 
     def hit(self, ip: str, action: str, cost: int = 1) -> RateDecision:
         count, ttl = self._hit(keys=[ratelimit_key(ip, action)], args=[cost, self.window_ms])
@@ -420,14 +420,14 @@ class RateLimiter:
 # --------------------------------------------------------------------------- matchmaking
 
 # KEYS: queue, seq. ARGV: player. FIFO by a counter in the queue's slot; joining twice is a no-op.
-_MM_JOIN = """
+MM_JOIN = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[2]), ARGV[1])
 return 1
 """
 
 # KEYS: queue. ARGV: group size. All or nothing: a partial group stays queued.
-_MM_POP = """
+MM_POP = """
 local n = tonumber(ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < n then return {} end
 local group = redis.call('ZRANGE', KEYS[1], 0, n - 1)
@@ -448,12 +448,12 @@ class MatchmakingQueue:
         self.client = client
         self.key = key
         self.seq_key = colocated_key(key, "seq")
-        self._join = client.register_script(_MM_JOIN)
-        self._pop = client.register_script(_MM_POP)
+        self._join = client.register_script(MM_JOIN)
+        self._pop = client.register_script(MM_POP)
 
     def join(self, player_id: str) -> bool:
         """Queue a player; False if already queued."""
-        return bool(self._join(keys=[self.key, self.seq_key], args=[_part("player id", player_id)]))
+        return bool(self._join(keys=[self.key, self.seq_key], args=[key_part("player id", player_id)]))
 
     def leave(self, player_id: str) -> bool:
         return bool(self.client.zrem(self.key, player_id))
@@ -462,7 +462,7 @@ class MatchmakingQueue:
         """The `size` longest-waiting players, removed together; [] if fewer are waiting."""
         if size < 1:
             raise ValueError("group size must be >= 1")
-        return [_s(m) for m in self._pop(keys=[self.key], args=[size])]
+        return [reply_text(m) for m in self._pop(keys=[self.key], args=[size])]
 
     def position(self, player_id: str) -> int | None:
         return self.client.zrank(self.key, player_id)
@@ -472,4 +472,4 @@ class MatchmakingQueue:
 
     def waiting(self) -> Iterator[str]:
         for member in self.client.zrange(self.key, 0, -1):
-            yield _s(member)
+            yield reply_text(member)

@@ -18,8 +18,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from pbgame.schema import GameSchema
-from pbmigrate.cache import leaderboard_query, profile_mapping, profile_query
-from pbmigrate.ddl import staging_schema
+from pbmigrate.cache.keys import leaderboard_query, profile_mapping, profile_query
+from pbmigrate.plan.ddl import staging_schema
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 The service speaks one set of names in its answers (the PostgreSQL columns the mapping produces,
 e.g. ``player_id``), and must find the same data in PocketBase (``user``) and in PostgreSQL
-(``game_sessions.player_id``). Both come from `pbmigrate.mapping.load_mapping`, so a user's own
+(``game_sessions.player_id``). Both come from `pbmigrate.plan.mapping.load_mapping`, so a user's own
 mapping (other table names, other renames) serves their schema, not only the sample's.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pbmigrate.cache import LeaderboardSpec, ProfileSpec
-from pbmigrate.mapping import Mapping, load_mapping
-from pbmigrate.warmup import parse_cache_config
+from pbmigrate.cache.keys import LeaderboardSpec, ProfileSpec
+from pbmigrate.cache.warmup import parse_cache_config
+from pbmigrate.plan.mapping import Mapping, load_mapping
 
 # The game's PocketBase collections and the fields each journey reads (PocketBase names).
 COLLECTIONS = ("users", "matches", "participants", "user_stats", "inventory")

@@ -20,8 +20,8 @@ from typing import Any
 
 import requests
 
-from pbmigrate import pipeline
-from pbmigrate.warmup import warm_run
+from pbmigrate import tasks
+from pbmigrate.cache.warmup import warm_run
 
 
 def free_port() -> int:
@@ -35,13 +35,13 @@ def migrate(pb_data: str | Path, pg_url: str, redis_url: str | None, *, target: 
     """Source ``pb_data`` -> ``<target>_staging``; returns the run dict (staging schema in it)."""
     if work_dir:
         os.environ["PBM_WORK_DIR"] = str(work_dir)
-    params = pipeline.run_params(source_path=str(pb_data), target_schema=target, mapping=mapping,
+    params = tasks.run_params(source_path=str(pb_data), target_schema=target, mapping=mapping,
                                  batch_size=batch_size, collections=None, orphans="reject")
-    run = pipeline.prepare(params=params, pg_url=pg_url, dag_run_id=f"testbed_{uuid.uuid4().hex[:8]}")
-    pipeline.create_schema(run, pg_url)
-    for batch in pipeline.plan_batches(run):
-        pipeline.run_batch(run, batch, pg_url)
-    run["finalize"] = pipeline.finalize_run(run, pg_url)
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=f"testbed_{uuid.uuid4().hex[:8]}")
+    tasks.create_schema(run, pg_url)
+    for batch in tasks.plan_batches(run):
+        tasks.run_batch(run, batch, pg_url)
+    run["finalize"] = tasks.finalize_run(run, pg_url)
     if redis_url:
         run["warm"] = [warm_run(run, section, pg_url=pg_url, redis_url=redis_url)
                        for section in ("profiles", "leaderboards")]

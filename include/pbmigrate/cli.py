@@ -1,4 +1,4 @@
-"""`pbmigrate` console script: the assessment, a starter mapping and the sample builder, without Airflow.
+"""`pbmigrate` console script: the assessment and a starter mapping, without Airflow.
 
 Every expected failure prints one line naming the problem and exits non-zero; nothing is written.
 """
@@ -14,8 +14,8 @@ from pbmigrate.errors import PbmError
 
 
 def _assess(args: argparse.Namespace) -> int:
-    from pbmigrate.assess import assess, render
-    from pbmigrate.mapping import load_mapping
+    from pbmigrate.plan.mapping import load_mapping
+    from pbmigrate.validate.assess import assess, render
 
     source = _open(args)
     try:
@@ -27,7 +27,7 @@ def _assess(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace):
-    from pbmigrate.sources import open_source
+    from pbmigrate.source import open_source
 
     if not args.source and not args.url:
         raise PbmError("give a data.db / pb_data path, or --url with --email and a password")
@@ -40,8 +40,8 @@ def _open(args: argparse.Namespace):
 def _mapping_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pbmigrate.checks import safe_url
-    from pbmigrate.starter import starter_mapping
+    from pbmigrate.plan.starter import starter_mapping
+    from pbmigrate.preflight import safe_url
 
     source = _open(args)
     try:
@@ -65,20 +65,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password", help="superuser password (or env PBM_POCKETBASE_PASSWORD)")
 
 
-def _sample(argv: list[str]) -> int:
-    from pbmigrate.sample import main as sample_main
-
-    return sample_main(argv) or 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "sample":
-        try:
-            return _sample(argv[1:])
-        except PbmError as exc:
-            print(f"pbmigrate: {exc}", file=sys.stderr)
-            return 2
     parser = argparse.ArgumentParser(prog="pbmigrate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("assess", help="pre-migration assessment of a PocketBase database or server")
@@ -91,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     init = msub.add_parser("init", help="write a starter mapping for a PocketBase database or server")
     _source_args(init)
     init.add_argument("-o", "--output", help="write to this file (default: standard output)")
-    sub.add_parser("sample", help="build the sample game database (see: pbmigrate sample --help)")
     args = parser.parse_args(argv)
     try:
         return _mapping_init(args) if args.command == "mapping" else _assess(args)

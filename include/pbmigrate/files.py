@@ -39,9 +39,10 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 
-from pbmigrate.catalog import Collection
+from pbmigrate.audit.meta import ensure_meta
 from pbmigrate.errors import ParamError, SourceError
-from pbmigrate.plan import Column, Plan, Table, qi
+from pbmigrate.plan.model import Column, Plan, Table, qi
+from pbmigrate.source.catalog import Collection
 
 log = logging.getLogger("pbmigrate.files")
 
@@ -55,33 +56,6 @@ EXAMPLES = 5
 STAGE = "files"  # pbm_meta.rejects.stage of a file that could not be copied
 ATTRS = ".attrs"
 
-FILES_DDL = """
-CREATE TABLE IF NOT EXISTS pbm_meta.files (
-    run_id          text NOT NULL,
-    collection      text NOT NULL,
-    record_id       text COLLATE "C" NOT NULL,
-    field           text NOT NULL,
-    name            text NOT NULL,
-    store           text NOT NULL,          -- the store's URL, without credentials
-    key             text NOT NULL,          -- the object's key under the store's root
-    size            bigint,
-    sha256          text,                   -- of the bytes read from the source
-    md5             text,                   -- PocketBase's .attrs md5 (base64), when it has one
-    content_type    text,
-    status          text NOT NULL,          -- done | missing
-    reason          text,
-    copied_at       timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, collection, record_id, field, name)
-);
-"""
-_DDL_LOCK = 0x70626D66  # "pbmf"
-
-
-def ensure_files_meta(conn: psycopg.Connection) -> None:
-    """pbm_meta.files (idempotent; safe when mapped tasks race)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
-        conn.execute(FILES_DDL)
 
 
 def has_ledger(conn: psycopg.Connection) -> bool:
@@ -100,7 +74,7 @@ def store_config(files: dict | str | None, target_schema: str) -> dict[str, Any]
         return {"url": files["url"], "options": dict(files.get("options") or {})}
     if os.environ.get("PBM_FILES_URL"):
         return {"url": os.environ["PBM_FILES_URL"], "options": json.loads(os.environ.get("PBM_FILES_OPTIONS") or "{}")}
-    from pbmigrate.pipeline import work_dir
+    from pbmigrate.context import work_dir
 
     return {"url": (work_dir() / "files" / target_schema).resolve().as_uri(), "options": {}}
 
@@ -640,7 +614,7 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
     """The data phase's id ranges of every collection with file fields (largest first), one
     mapped task each: the ranges the ledger proves loaded, so the names come from the target.
     Also writes the store's id -> name index, here, once, before the copies run in parallel."""
-    from pbmigrate.pipeline import open_run_source, run_plan
+    from pbmigrate.context import open_run_source, run_plan
 
     source = open_run_source(run, api)
     try:
@@ -654,7 +628,7 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
     open_store(store_config(files, run["target_schema"])).write_index(
         {t.collection.id: t.collection.name for t in wanted.values()})
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        ensure_files_meta(conn)
+        ensure_meta(conn)
         rows = conn.execute(
             "SELECT collection, lo, hi, rows_loaded FROM pbm_meta.batches WHERE run_id = %s AND collection = ANY(%s) "
             "ORDER BY collection, lo COLLATE \"C\"", (run["run_id"], list(wanted))).fetchall()
@@ -673,8 +647,8 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
 def copy_batch(run: dict, batch: dict, pg_url: str, files: dict | str | None = None,
                api: dict | None = None) -> dict:
     """One mapped task of the `files` group: the files of one id range, into the store."""
-    from pbmigrate.guard import target_lock
-    from pbmigrate.pipeline import open_run_source, run_plan
+    from pbmigrate.audit.guard import target_lock
+    from pbmigrate.context import open_run_source, run_plan
 
     store = open_store(store_config(files, run["target_schema"]))
     source = open_run_source(run, api)
@@ -684,7 +658,7 @@ def copy_batch(run: dict, batch: dict, pg_url: str, files: dict | str | None = N
         storage = open_storage(run, source)
         with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
                 psycopg.connect(pg_url, autocommit=True) as conn:
-            ensure_files_meta(conn)
+            ensure_meta(conn)
             result = copy_range(conn, storage, store, table, run_id=run["run_id"], schema=run["staging_schema"],
                                 lo=batch["lo"], hi=batch["hi"], workers=WORKERS if store.local else 2)
     finally:
@@ -765,12 +739,12 @@ def check_table_files(conn: psycopg.Connection, store: FileStore, table: Table, 
 
 def file_checks(conn: psycopg.Connection, plan: Plan, run: dict, files: dict | str | None = None) -> list[Any]:
     """Validation's `files` check per table with file fields (recorded with the others in pbm_meta.checks)."""
-    from pbmigrate.quality import Check
+    from pbmigrate.audit.meta import Check
 
     tables = file_tables(plan)
     if not tables:
         return []
-    ensure_files_meta(conn)
+    ensure_meta(conn)
     store = open_store(store_config(files, run["target_schema"]))
     checks = []
     for t in tables:
@@ -804,7 +778,7 @@ def resync_files(conn: psycopg.Connection, source: Any, plan: Plan, run: dict, s
     tables = file_tables(plan)
     if not tables:
         return []
-    ensure_files_meta(conn)
+    ensure_meta(conn)
     store = open_store(store_config(files, run["target_schema"]))
     storage = open_storage(run, source)
     run_id = run["run_id"]

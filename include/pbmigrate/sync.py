@@ -40,20 +40,22 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from pbmigrate import checksum, ledger, meta, metrics, pgcopy
+from pbmigrate import checksum
 from pbmigrate import files as files_sync
-from pbmigrate.convert import Reject, multi, parse_datetime
-from pbmigrate.cutover import cut_over_in_effect
+from pbmigrate.audit import meta, metrics
+from pbmigrate.audit.guard import TargetBusy, target_lock  # noqa: F401 - part of this module's API
+from pbmigrate.audit.meta import cut_over_in_effect
+from pbmigrate.context import safe_name
 from pbmigrate.errors import ParamError, PbmError, Refused
-from pbmigrate.guard import TargetBusy, target_lock  # noqa: F401 - part of this module's API
-from pbmigrate.load import _reject_all
-from pbmigrate.mapping import load_mapping
-from pbmigrate.pipeline import safe_name
-from pbmigrate.plan import Junction, Plan, Table, build_plan, qi
-from pbmigrate.snapshot import resolve_data_db, take_snapshot
-from pbmigrate.sources import Source, open_source
-from pbmigrate.sources.sqlite import SqliteSource, select_sql
-from pbmigrate.sources.sqlite import qi as qi_sqlite
+from pbmigrate.load import ledger, pgcopy
+from pbmigrate.load.columnar.batch import reject_all
+from pbmigrate.plan.convert import Reject, multi, parse_datetime
+from pbmigrate.plan.mapping import load_mapping
+from pbmigrate.plan.model import Junction, Plan, Table, build_plan, qi
+from pbmigrate.source import Source, open_source
+from pbmigrate.source.snapshot import resolve_data_db, take_snapshot
+from pbmigrate.source.sqlite import SqliteSource, select_sql
+from pbmigrate.source.sqlite import qi as qi_sqlite
 
 log = logging.getLogger("pbmigrate.sync")
 
@@ -63,30 +65,6 @@ WRITE_ROWS = 5_000  # rows converted, compared and written at a time
 UNLOADED_STATUSES = frozenset({"running", "failed", "rolled_back", "rolledback"})
 REJECT_STAGES = ("load", "finalize", "resync")  # rejects a re-sync may clear or replace
 
-SYNC_DDL = """
-CREATE TABLE IF NOT EXISTS pbm_meta.resyncs (
-    resync_id       text NOT NULL,
-    run_id          text NOT NULL,
-    target_schema   text NOT NULL,
-    synced_schema   text NOT NULL,
-    collection      text NOT NULL,
-    target_table    text NOT NULL,
-    mode            text NOT NULL,
-    rows_read       bigint NOT NULL DEFAULT 0,
-    inserted        bigint NOT NULL DEFAULT 0,
-    updated         bigint NOT NULL DEFAULT 0,
-    deleted         bigint NOT NULL DEFAULT 0,
-    rejected        bigint NOT NULL DEFAULT 0,
-    ranges_compared integer NOT NULL DEFAULT 0,
-    ranges_recopied integer NOT NULL DEFAULT 0,
-    watermark       timestamptz,
-    seconds         double precision,
-    at              timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (resync_id, collection)
-);
-CREATE INDEX IF NOT EXISTS resyncs_run_idx ON pbm_meta.resyncs (run_id, at);
-ALTER TABLE pbm_meta.watermarks ADD COLUMN IF NOT EXISTS run_id text;
-"""
 
 
 class ResyncRefused(Refused):
@@ -101,14 +79,6 @@ class TargetCutOver(ResyncRefused):
 
 
 # --- meta, lock and target --------------------------------------------------------------------
-
-
-def ensure_sync_meta(conn: psycopg.Connection) -> None:
-    """pbm_meta plus the re-sync's table and column (idempotent, safe when tasks race)."""
-    meta.ensure_meta(conn)
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (meta._LOCK_KEY,))
-        conn.execute(SYNC_DDL)
 
 
 @dataclass(frozen=True)
@@ -419,7 +389,7 @@ class _TableSync:
             out = [conv(row[pos]) for conv, pos in self.pairs]
             jrows = [list(enumerate(m(row[j.position]))) for j, m in zip(self.table.junctions, self.jconvs)]
         except Reject:
-            return _reject_all(row, self.table, self.convs)
+            return reject_all(row, self.table, self.convs)
         item = _Item(str(row[self.id_pos]), row, out, jrows)
         item.digest = self.digest(item)
         return item
@@ -1151,7 +1121,7 @@ def compare_collection(conn: psycopg.Connection, source: Source, table: Table, s
 
 def resync_dir(target_schema: str) -> Path:
     """Where the re-sync keeps its snapshot: one per target, replaced by every run."""
-    from pbmigrate.pipeline import work_dir
+    from pbmigrate.context import work_dir
 
     return work_dir() / target_schema / "resync"
 
@@ -1172,7 +1142,7 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
         raise ParamError("param overlap_seconds must not be negative")
     started = time.monotonic()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        ensure_sync_meta(conn)
+        meta.ensure_meta(conn)
     with target_lock(pg_url, target_schema, wait_seconds=lock_wait_seconds, holder="pbmigrate re-sync"), \
             psycopg.connect(pg_url, autocommit=True,
                             application_name=f"pbmigrate re-sync {target_schema}"[:63]) as conn:

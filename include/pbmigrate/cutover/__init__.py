@@ -1,0 +1,1 @@
+"""Cut-over: the gate, backups, the schema swap, the backend flag and the roll-back."""

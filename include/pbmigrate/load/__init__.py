@@ -1,0 +1,1 @@
+"""Load: one id range of one collection into typed tables (columnar path, binary COPY, ledger), then finalize."""

@@ -1,0 +1,202 @@
+"""One batch through the columnar path: chunks in, binary COPY out, the checksum and the rejects
+alongside. `load.load_batch` wraps it in the batch's transaction."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import IO
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pbmigrate import checksum
+from pbmigrate.load import pgcopy
+from pbmigrate.load.columnar import digest, pgbinary, vector
+from pbmigrate.load.columnar.read import Chunk, chunks, fields_read
+from pbmigrate.plan.convert import Converter, Reject, multi
+from pbmigrate.plan.model import Junction, Table, pg_type, qi
+from pbmigrate.source import Source
+
+SPOOL_BYTES = 32 * 1024 * 1024  # junction rows past this wait on disk: memory stays bounded
+
+
+@dataclass
+class Part:
+    """Converted rows of one chunk: a column per table column, a list column per junction."""
+
+    columns: list[pa.Array]
+    canons: dict[int, pa.Array]  # column index -> text[] canonical text
+    junctions: list[tuple[pa.Array, pa.Array]]  # (target lists, their canonical text) per junction
+    rejects: list[tuple[str, str, str]] = field(default_factory=list)
+    read: int = 0
+    per_row: int = 0  # rows the column checks sent to the per-row converters
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns[0]) if self.columns else 0
+
+
+def reject_all(row: tuple, table: Table, convs: list[Converter]) -> list[tuple[str, str]]:
+    """Every bad field of a failing row with its reason, not just the first."""
+    problems = []
+    for col, conv in zip(table.columns, convs):
+        try:
+            conv(row[col.position])
+        except Reject as r:
+            problems.append((r.field, r.reason))
+    for j in table.junctions:
+        try:
+            multi(j.field)(row[j.position])
+        except Reject as r:
+            problems.append((r.field, r.reason))
+    return problems or [("?", "row failed to convert")]
+
+
+class TableConverter:
+    """The converters of one table, vector and per-row, built once per batch."""
+
+    def __init__(self, table: Table, has_secrets: bool):
+        self.table, self.has_secrets = table, has_secrets
+        self.fields = fields_read(table)
+        self.convs = table.converters(has_secrets)
+        self.jconvs = [multi(j.field) for j in table.junctions]
+        self.types = [vector.natural_type(c.field) for c in table.columns]
+
+    def part(self, chunk: Chunk) -> Part:
+        b = chunk.batch
+        bad = b.column("odd").to_numpy(zero_copy_only=False).astype(bool)
+        conv: dict[int, vector.Converted] = {}
+        for pos, f in self.fields:
+            conv[pos] = vector.convert_column(b.column(f"c{pos}"), f, self.has_secrets)
+            bad |= conv[pos].bad
+        good = pa.array(np.flatnonzero(~bad))
+        cols = [conv[c.position].values.take(good) for c in self.table.columns]
+        canons = {i: conv[c.position].canon.take(good) for i, c in enumerate(self.table.columns)
+                  if conv[c.position].canon is not None}
+        juncs = [(conv[j.position].values.take(good), conv[j.position].canon.take(good)) for j in self.table.junctions]
+        part = Part(cols, canons, juncs, read=b.num_rows)
+        redo = np.flatnonzero(bad)
+        part.per_row = len(redo)
+        if len(redo):
+            self._per_row(chunk.raw(redo.tolist()), part)
+        return part
+
+    def _per_row(self, rows: list[tuple], part: Part) -> None:
+        """The few rows the column checks sent back: `convert`'s converters decide, row by row."""
+        table, out, jout = self.table, [], []
+        for row in rows:
+            try:
+                values = [conv(row[c.position]) for conv, c in zip(self.convs, table.columns)]
+                lists = [m(row[j.position]) for m, j in zip(self.jconvs, table.junctions)]
+            except Reject:
+                part.rejects.extend((str(row[0]), f, r) for f, r in reject_all(row, table, self.convs))
+                continue
+            out.append(values)
+            jout.append(lists)
+        if not out:
+            return
+        for i, typ in enumerate(self.types):
+            values = [r[i] for r in out]
+            if typ == vector.POINT:
+                values = [{"lon": v[0], "lat": v[1]} for v in values]
+            part.columns[i] = pa.concat_arrays([part.columns[i], pa.array(values, typ)])
+            if i in part.canons:
+                extra = pa.array([checksum.PY_CANON["text[]"](v) for v in values], pa.string())
+                part.canons[i] = pa.concat_arrays([part.canons[i], extra])
+        for k in range(len(table.junctions)):
+            lists = [r[k] for r in jout]
+            canon = pa.array([checksum.PY_CANON["text[]"](v) for v in lists], pa.string())
+            targets, canons = part.junctions[k]
+            part.junctions[k] = (pa.concat_arrays([targets, pa.array(lists, vector.TEXT_LIST)]),
+                                 pa.concat_arrays([canons, canon]))
+
+    def part_sum(self, part: Part) -> int:
+        prepared = [digest.prepare(v, c.canon, pg_type(c.field), part.canons.get(i))
+                    for i, (v, c) in enumerate(zip(part.columns, self.table.columns))]
+        total = digest.rows_sum(prepared)
+        owners = part.columns[0]
+        for j, (targets, canon) in zip(self.table.junctions, part.junctions):
+            total += digest.junction_sum(j.table, owners, canon, pc.list_value_length(targets))
+        return total
+
+
+def vector_binary(table: Table) -> bool:
+    """Arrow-built binary COPY when every column has its field's own type (no mapping override)."""
+    return all(c.type == pg_type(c.field) and c.type in pgbinary.ENCODABLE for c in table.columns)
+
+
+def _python_rows(part: Part) -> Iterator[list]:
+    cols = [a.to_pylist() for a in part.columns]
+    for row in zip(*cols):
+        yield [(v["lon"], v["lat"]) if isinstance(v, dict) else v for v in row]
+
+
+def junction_rows(owners: pa.Array, targets: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(owner, target, position) columns: the list column exploded."""
+    parents = pc.list_parent_indices(targets)
+    offsets = targets.offsets.to_numpy() - targets.offsets[0].as_py()
+    starts = np.repeat(offsets[:-1], np.diff(offsets))
+    position = np.arange(len(parents)) - starts
+    return pc.take(owners, parents), targets.flatten(), pa.array(position.astype(np.int32))
+
+
+def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: str, lo: str, hi: str,
+               has_secrets: bool) -> tuple[int, int, int, int, list]:
+    """COPY the range's rows and its junction rows; (read, loaded, checksum sum, junction rows, rejects)."""
+    work = TableConverter(table, has_secrets)
+    binary = vector_binary(table)
+    types = [c.type for c in table.columns]
+    if not binary and pgcopy.can_use_binary(table):
+        pgcopy.register(conn)
+    read = loaded = total = junction_count = 0
+    rejects: list[tuple[str, str, str]] = []
+    with ExitStack() as stack, conn.cursor() as cur:
+        spools = [stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES)) for _ in table.junctions]
+        copy_sql = pgcopy.copy_sql(schema, table, binary or pgcopy.can_use_binary(table))
+        with cur.copy(copy_sql) as copy:
+            if binary:
+                copy.write(pgbinary.HEADER)
+            elif pgcopy.can_use_binary(table):
+                copy.set_types(types)
+            for chunk in chunks(source, table, lo, hi):
+                part = work.part(chunk)
+                read += part.read
+                rejects.extend(part.rejects)
+                if not part.rows:
+                    continue
+                loaded += part.rows
+                total += work.part_sum(part)
+                if binary:
+                    copy.write(pgbinary.rows(part.columns, types))
+                else:
+                    for row in _python_rows(part):
+                        copy.write_row(row)
+                for spool, (targets, _) in zip(spools, part.junctions):
+                    exploded = junction_rows(part.columns[0], targets)
+                    junction_count += len(exploded[0])
+                    if len(exploded[0]):
+                        spool.write(pgbinary.rows(list(exploded), ["text", "text", "integer"]))
+            if binary:
+                copy.write(pgbinary.TRAILER)
+        for j, spool in zip(table.junctions, spools):
+            _copy_junction(cur, schema, j, spool)
+    return read, loaded, total, junction_count, rejects
+
+
+def _copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes]) -> None:
+    """A junction table's rows, after the owner table's COPY (one COPY at a time per connection):
+    spooled as binary COPY rows meanwhile, in memory up to SPOOL_BYTES, then on disk."""
+    if not spool.tell():
+        return
+    spool.seek(0)
+    sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN (FORMAT BINARY)"
+    with cur.copy(sql) as copy:
+        copy.write(pgbinary.HEADER)
+        while block := spool.read(1 << 20):
+            copy.write(block)
+        copy.write(pgbinary.TRAILER)

@@ -1,0 +1,193 @@
+"""A batch's rows as bounded Arrow record batches, each column in the storage class its field
+normally has, with a flag for the rows that hold anything else.
+
+PocketBase's NUMERIC affinity lets one SQLite column hold integers, reals, text and blobs, and
+ADBC types a column from its first rows. So every column is selected as `CASE typeof(...)`: its
+usual class, else that class's empty value (NULL and '' mean the same to every converter), and
+`odd` counts the values of an unusual class. Odd rows are fetched again as plain tuples, by rowid,
+for the per-row converters. API pages (and any tuple source) are classified the same way in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pbmigrate.plan.model import Table
+from pbmigrate.source import Source
+from pbmigrate.source.catalog import Field
+from pbmigrate.source.snapshot import readonly_uri
+from pbmigrate.source.sqlite import SCAN_SHARE, SqliteSource, id_range_where, qi, select_sql
+
+CHUNK_ROWS = 16_384  # rows per record batch: memory is bounded by this, not by the batch
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass
+class Chunk:
+    """Columns `c<position>` of the fields a table needs, `odd` (bool), and a way back to the
+    storage-form tuples of chosen rows (by index into this chunk)."""
+
+    batch: pa.RecordBatch
+    raw: Callable[[list[int]], list[tuple]]
+
+
+def storage_class(f: Field) -> str:
+    """The class a field's values are read in: 'text', 'real', 'integer', 'bool' or 'json'."""
+    if f.type == "number":
+        return "integer" if f.only_int else "real"
+    if f.type == "bool":
+        return "bool"
+    if f.type == "json":
+        return "json"
+    return "text"
+
+
+ARROW_CLASS = {"text": pa.string(), "real": pa.float64(), "integer": pa.int64(), "bool": pa.int64(),
+               "json": pa.string()}
+
+
+def positions(table: Table) -> list[int]:
+    """Source positions a table reads: its columns', then its junctions'."""
+    seen: list[int] = []
+    for p in [c.position for c in table.columns] + [j.position for j in table.junctions]:
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
+def fields_read(table: Table) -> list[tuple[int, Field]]:
+    by_pos = {c.position: c.field for c in table.columns} | {j.position: j.field for j in table.junctions}
+    return [(p, by_pos[p]) for p in positions(table)]
+
+
+def _sql_expr(col: str, cls: str) -> tuple[str, str]:
+    """(value expression, odd condition) for one SQLite column."""
+    t = f"typeof({col})"
+    if cls == "text":
+        return f"CASE WHEN {t} = 'text' THEN {col} ELSE '' END", f"{t} NOT IN ('text', 'null')"
+    if cls == "real":
+        return (f"CASE WHEN {t} IN ('integer', 'real') THEN CAST({col} AS REAL) ELSE 0.0 END",
+                f"{t} NOT IN ('integer', 'real', 'null')")
+    if cls == "integer":
+        return f"CASE WHEN {t} = 'integer' THEN {col} ELSE 0 END", f"{t} NOT IN ('integer', 'null')"
+    if cls == "bool":
+        return (f"CASE WHEN {t} = 'integer' AND {col} IN (0, 1) THEN {col} ELSE 0 END",
+                f"NOT ({t} = 'null' OR ({t} = 'integer' AND {col} IN (0, 1)))")
+    # json: text and integers as text (str(123) is jsonb's own text); reals are odd (repr matters)
+    return (f"CASE WHEN {t} IN ('text', 'integer') THEN CAST({col} AS TEXT) ELSE '' END",
+            f"{t} NOT IN ('text', 'integer', 'null')")
+
+
+def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS
+                  ) -> Iterator[Chunk]:
+    import adbc_driver_sqlite.dbapi as adbc
+
+    coll = table.collection
+    exprs, odd = ["rowid AS _rowid"], []
+    for pos, f in fields_read(table):
+        value, cond = _sql_expr(qi(f.name), storage_class(f))
+        exprs.append(f"{value} AS c{pos}")
+        odd.append(f"({cond})")
+    exprs.append(f"({' OR '.join(odd) or '0'}) AS odd")
+    where, args = id_range_where(lo, hi)
+    hint = " NOT INDEXED" if where and source._share(coll, where, args) >= SCAN_SHARE else ""
+    sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)}{hint}{where}"
+    raw_sql = f"{select_sql(coll)} WHERE rowid = ?"
+
+    def raw_of(rowids: pa.Array) -> Callable[[list[int]], list[tuple]]:
+        def raw(indices: list[int]) -> list[tuple]:
+            return [source.conn.execute(raw_sql, (rowids[i].as_py(),)).fetchone() for i in indices]
+        return raw
+
+    conn = adbc.connect(readonly_uri(source.path))  # readonly_shm beside a live server, as sqlite3
+    try:
+        cur = conn.cursor()
+        cur.execute("PRAGMA query_only = ON")
+        cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(chunk_rows)})
+        cur.execute(sql, args)
+        for rb in cur.fetch_record_batch():
+            if rb.num_rows == 0:
+                continue
+            odd_col = rb.column("odd").cast(pa.bool_())
+            names = [n for n in rb.schema.names if n.startswith("c")]
+            batch = pa.RecordBatch.from_arrays([rb.column(n) for n in names] + [odd_col], [*names, "odd"])
+            yield Chunk(_typed(batch, table), raw_of(rb.column("_rowid")))
+        cur.close()
+    finally:
+        conn.close()
+
+
+def _typed(batch: pa.RecordBatch, table: Table) -> pa.RecordBatch:
+    """ADBC types an all-empty text column by its values; cast to the class types."""
+    arrays = []
+    for pos, f in fields_read(table):
+        a = batch.column(f"c{pos}")
+        want = ARROW_CLASS[storage_class(f)]
+        arrays.append(a if a.type == want else a.cast(want))
+    return pa.RecordBatch.from_arrays([*arrays, batch.column("odd")], batch.schema.names)
+
+
+def _fits(v: object, cls: str) -> tuple[bool, object]:
+    """(usual class?, the value in it) for one storage-form value."""
+    t = type(v)
+    if v is None:
+        return True, None
+    if cls in ("text",):
+        return t is str, v if t is str else None
+    if cls == "json":
+        if t is str:
+            return True, v
+        if t is int:
+            return True, str(v)
+        return False, None
+    if cls == "real":
+        if t is float:
+            return True, v
+        if t is int and INT64_MIN <= v <= INT64_MAX:
+            return True, float(v)
+        return False, None
+    if cls == "integer":
+        ok = t is int and INT64_MIN <= v <= INT64_MAX
+        return ok, v if ok else None
+    ok = t is int and v in (0, 1)  # bool
+    return ok, v if ok else None
+
+
+def tuple_chunks(rows: Iterator[tuple], table: Table, chunk_rows: int = CHUNK_ROWS) -> Iterator[Chunk]:
+    """Storage-form tuples (API pages, any Source) as chunks; the tuples are kept for the raw path."""
+    fields = fields_read(table)
+    buf: list[tuple] = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= chunk_rows:
+            yield _tuple_chunk(buf, fields)
+            buf = []
+    if buf:
+        yield _tuple_chunk(buf, fields)
+
+
+def _tuple_chunk(buf: list[tuple], fields: list[tuple[int, Field]]) -> Chunk:
+    odd = [False] * len(buf)
+    arrays, names = [], []
+    for pos, f in fields:
+        cls = storage_class(f)
+        values = []
+        for i, row in enumerate(buf):
+            ok, v = _fits(row[pos], cls)
+            if not ok:
+                odd[i] = True
+            values.append(v)
+        arrays.append(pa.array(values, ARROW_CLASS[cls]))
+        names.append(f"c{pos}")
+    batch = pa.RecordBatch.from_arrays([*arrays, pa.array(odd, pa.bool_())], [*names, "odd"])
+    kept = list(buf)
+    return Chunk(batch, lambda indices: [kept[i] for i in indices])
+
+
+def chunks(source: Source, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Chunk]:
+    if isinstance(source, SqliteSource):
+        return sqlite_chunks(source, table, lo, hi, chunk_rows)
+    return tuple_chunks(source.rows(table.collection, lo, hi, ordered=False), table, chunk_rows)

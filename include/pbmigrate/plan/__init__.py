@@ -1,0 +1,1 @@
+"""Plan: mapping files, PocketBase-to-PostgreSQL types and converters, and the target DDL."""

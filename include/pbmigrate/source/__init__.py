@@ -1,0 +1,76 @@
+"""Sources of PocketBase records: a SQLite snapshot or a running server's REST API.
+
+Both yield rows of one collection for an inclusive id range, in id order (byte order, which is
+PostgreSQL's COLLATE "C" order) unless asked otherwise, as tuples in the order of the collection's fields and in
+PocketBase's *storage* form: what SQLite holds (JSON arrays as text, bools as 0/1, json fields as
+text or numbers). The API source converts its decoded JSON back to that form, so one converter
+serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from pbmigrate.errors import ParamError
+from pbmigrate.source.catalog import Catalog, Collection
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """An inclusive id range [lo, hi] holding `rows` records when it was planned."""
+
+    lo: str
+    hi: str
+    rows: int
+
+
+class Source(Protocol):
+    kind: str  # "sqlite" or "api"
+    has_secrets: bool  # False in API mode: PocketBase never returns password hashes
+
+    def catalog(self) -> Catalog: ...
+
+    def count(self, coll: Collection) -> int: ...
+
+    def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]: ...
+
+    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
+             ordered: bool = True) -> Iterator[tuple]:
+        """Rows with ids in [lo, hi]; in id order unless `ordered=False` (the loader's COPY and
+        checksum do not care, and an unordered read can be much faster)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def plan_ranges(source: Source, coll: Collection, batch_size: int) -> list[IdRange]:
+    """Split a collection into id ranges of `batch_size` rows, streaming the ids once."""
+    if batch_size < 1:
+        raise ParamError("batch_size must be at least 1")
+    ranges: list[IdRange] = []
+    lo = last = None
+    n = 0
+    for rid in source.ids(coll):
+        if lo is None:
+            lo = rid
+        last = rid
+        n += 1
+        if n == batch_size:
+            ranges.append(IdRange(lo, last, n))
+            lo, n = None, 0
+    if lo is not None and last is not None:
+        ranges.append(IdRange(lo, last, n))
+    return ranges
+
+
+def open_source(source_path: str | None = None, **api: object) -> Source:
+    """A SQLite source for a path, else an API source for url/email/password."""
+    if source_path:
+        from pbmigrate.source.sqlite import SqliteSource
+
+        return SqliteSource(source_path)
+    from pbmigrate.source.api import ApiSource
+
+    return ApiSource(**api)  # type: ignore[arg-type]

@@ -1,0 +1,95 @@
+"""Read records from a PocketBase data.db (normally a snapshot), read-only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cache
+
+from pbmigrate.source.catalog import Catalog, Collection, read_catalog
+from pbmigrate.source.snapshot import open_readonly
+
+FETCH = 5000
+# An unordered range read scans the whole table (skipping other ids in C) when the range holds at
+# least this share of it: measured here, the scan beat the id index from 5% up (320k vs 228k
+# rows/s) to 35% (790k vs 324k), because the index visits rows in random page order.
+SCAN_SHARE = 0.03
+
+
+def qi(ident: str) -> str:
+    """Quote an SQLite identifier."""
+    return '"' + ident.replace('"', '""') + '"'
+
+
+class SqliteSource:
+    kind = "sqlite"
+    has_secrets = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.conn = open_readonly(path)
+        self._catalog: Catalog | None = None
+        self._counts: dict[str, int] = {}
+
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = read_catalog(self.conn)
+        return self._catalog
+
+    def count(self, coll: Collection) -> int:
+        if coll.name not in self._counts:
+            self._counts[coll.name] = self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}").fetchone()[0]
+        return self._counts[coll.name]
+
+    def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]:
+        where, args = id_range_where(lo, hi)
+        cur = self.conn.execute(f"SELECT id FROM {qi(coll.name)}{where} ORDER BY id", args)
+        while chunk := cur.fetchmany(FETCH):
+            for (rid,) in chunk:
+                yield rid
+
+    def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
+             ordered: bool = True) -> Iterator[tuple]:
+        """Rows with ids in [lo, hi]; `ordered=False` lets a large range be read as a table scan."""
+        where, args = id_range_where(lo, hi)
+        if ordered:
+            sql = f"{select_sql(coll)}{where} ORDER BY id"
+        elif where and self._share(coll, where, args) >= SCAN_SHARE:
+            sql = f"{select_sql(coll)} NOT INDEXED{where}"
+        else:
+            sql = f"{select_sql(coll)}{where}"
+        cur = self.conn.execute(sql, args)
+        while chunk := cur.fetchmany(FETCH):
+            yield from chunk
+
+    def _share(self, coll: Collection, where: str, args: tuple) -> float:
+        in_range = self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}{where}", args).fetchone()[0]
+        return in_range / max(self.count(coll), 1)
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Ad-hoc read for the assessment (read-only connection)."""
+        return self.conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@cache
+def _select_cached(table: str, columns: tuple[str, ...]) -> str:
+    return f"SELECT {', '.join(qi(c) for c in columns)} FROM {qi(table)}"
+
+
+def select_sql(coll: Collection) -> str:
+    """SELECT of every field of the collection, in catalog order (the row tuples' order)."""
+    return _select_cached(coll.name, tuple(f.name for f in coll.fields))
+
+
+def id_range_where(lo: str | None, hi: str | None) -> tuple[str, tuple]:
+    clauses, args = [], []
+    if lo is not None:
+        clauses.append("id >= ?")
+        args.append(lo)
+    if hi is not None:
+        clauses.append("id <= ?")
+        args.append(hi)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
