@@ -46,10 +46,10 @@ def pocketbase_cutover():
     @task
     @fail_fast
     def apply() -> dict:
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
         p = get_current_context()["params"]  # nothing to cut over is a refusal: fail_fast, no retry
-        return promote.run_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
+        return tasks.cutover_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
 
     apply()
 

@@ -81,10 +81,9 @@ def pocketbase_migration():
         @task
         @fail_fast
         def assess(run: dict) -> dict:
-            from pbmigrate.validate import assess
+            from pbmigrate import tasks
 
-            assess.assess_run(run, postgres_url(), api=pocketbase_api())
-            return run
+            return tasks.assess(run, postgres_url(), api=pocketbase_api())
 
         snap = snapshot()
         mode >> snap  # mode=final skips the fresh snapshot and load
@@ -137,18 +136,18 @@ def pocketbase_migration():
         @task
         @fail_fast
         def plan_files(run: dict) -> list[dict]:
-            from pbmigrate import files
+            from pbmigrate import tasks
 
-            return files.plan_file_batches(run, postgres_url(), api=pocketbase_api(),
+            return tasks.plan_file_batches(run, postgres_url(), api=pocketbase_api(),
                                            max_batches=conf.getint("core", "max_map_length"), files=files_store())
 
         @task(map_index_template="{{ files_label }}", max_active_tis_per_dagrun=4)
         @fail_fast
         def copy(run: dict, batch: dict) -> dict:
-            from pbmigrate import files
+            from pbmigrate import tasks
 
             get_current_context()["files_label"] = batch["label"]
-            return files.copy_batch(run, batch, postgres_url(), files_store(), api=pocketbase_api())
+            return tasks.copy_files(run, batch, postgres_url(), files_store(), api=pocketbase_api())
 
         batches = plan_files(run)
         finalized >> batches
@@ -159,10 +158,10 @@ def pocketbase_migration():
         @task(map_index_template="{{ section }}")
         @fail_fast
         def warm(run: dict, section: str) -> dict:
-            from pbmigrate.cache.warmup import warm_run
+            from pbmigrate import tasks
 
             get_current_context()["section"] = section
-            return warm_run(run, section, pg_url=postgres_url(), redis_url=redis_url())
+            return tasks.warm(run, section, pg_url=postgres_url(), redis_url=redis_url())
 
         return warm.partial(run=run).expand(section=["profiles", "leaderboards", "game_state"])
 
@@ -174,11 +173,11 @@ def pocketbase_migration():
     @task
     @fail_fast
     def final_sync() -> dict:
-        from pbmigrate import sync
+        from pbmigrate import tasks
 
         ctx = get_current_context()
         p = ctx["params"]
-        return sync.final_sync(
+        return tasks.final_sync(
             source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
             mapping=param_text(p, "mapping"), collections=p["collections"] or [],
             overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(), dag_run_id=ctx["run_id"],
@@ -201,16 +200,16 @@ def pocketbase_migration():
         @task
         @fail_fast
         def checks(run: dict) -> dict:
-            from pbmigrate.validate import quality
+            from pbmigrate import tasks
 
-            return quality.validate_run(run, postgres_url(), api=pocketbase_api(), files=files_store())
+            return tasks.validate(run, postgres_url(), api=pocketbase_api(), files=files_store())
 
         @task
         @fail_fast
         def gate(run: dict) -> dict:
-            from pbmigrate.cutover import promote
+            from pbmigrate import tasks
 
-            return promote.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
+            return tasks.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
 
         summary = checks(run)
         verdict = gate(run)
@@ -221,38 +220,38 @@ def pocketbase_migration():
     @fail_fast
     def decide(verdict: dict) -> str:
         """A passed gate warms the cache (a failed warm-up then blocks promotion); a refused one rolls back."""
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
-        return promote.decide(verdict, "auto", cut_over="cache.warm")
+        return tasks.decide(verdict, "auto", cut_over="cache.warm")
 
     @task.branch
     @fail_fast
     def promote(verdict: dict) -> str:
         """cutover=auto: cut over now; manual: hold, validated and warm, for the pocketbase_cutover DAG."""
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
-        return promote.decide(verdict, get_current_context()["params"]["cutover"])
+        return tasks.decide(verdict, get_current_context()["params"]["cutover"])
 
     @task
     @fail_fast
     def cut_over(run: dict) -> dict:
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
-        return promote.cut_over_run(run, postgres_url(), redis_url())
+        return tasks.cut_over(run, postgres_url(), redis_url())
 
     @task
     @fail_fast
     def hold(run: dict) -> dict:
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
-        return promote.hold_run(run, postgres_url())
+        return tasks.hold(run, postgres_url())
 
     @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
     @fail_fast
     def roll_back(run: dict, verdict: dict) -> None:
-        from pbmigrate.cutover import promote
+        from pbmigrate import tasks
 
-        promote.roll_back_run(run, postgres_url(), redis_url(), verdict)
+        tasks.roll_back(run, postgres_url(), redis_url(), verdict)
 
     mode = choose_mode()
     run = prepare(mode)

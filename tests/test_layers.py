@@ -60,3 +60,13 @@ def test_import_contracts_hold():
                          text=True, env={"PYTHONPATH": str(ROOT / "include"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout[-3000:]
     assert "2 kept, 0 broken" in out.stdout
+
+
+def test_dags_call_the_engine_through_tasks_only():
+    """One module holds every function a DAG task calls: the DAG files import nothing else of it."""
+    imports = set()
+    for path in sorted((ROOT / "dags").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pbmigrate"):
+                imports.add((node.module, tuple(a.name for a in node.names)))
+    assert imports == {("pbmigrate", ("tasks",))}

@@ -1,8 +1,12 @@
-"""One function per DAG task. Each takes plain values (URLs, the run dict) and returns plain,
-JSON-serialisable values for XCom, never secrets.
+"""Every function a DAG task calls, and nothing else calls into the engine from Airflow.
 
-The run dict travels between tasks: run_id, source kind and snapshot, target and staging schema,
-and the params that shaped it. API credentials are not in it; tasks get them from the connection.
+Each takes plain values (URLs, params, the run context) and returns plain, JSON-serialisable values
+for XCom, never secrets. The run context (`context.RunContext`) travels between tasks: run_id,
+source kind and snapshot, target and staging schema, and the params that shaped it; each task
+checks it on arrival. API credentials are not in it; tasks get them from the connection.
+
+The prepare and load steps live here (they only wire the stages together); the other stages'
+task functions are one-line calls into their packages, so that this module reads as the pipeline.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import Any
 
 import psycopg
 
+from pbmigrate import files as files_stage
+from pbmigrate import sync
 from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.guard import target_lock
 from pbmigrate.cache import warmup
-from pbmigrate.context import open_run_source, run_dir, run_plan
+from pbmigrate.context import checked_run, open_run_source, run_dir, run_plan
+from pbmigrate.cutover import promote
 from pbmigrate.errors import ParamError
 from pbmigrate.load.batch import BatchResult, load_batch
 from pbmigrate.load.finalize import ORPHAN_MODES, finalize
@@ -28,6 +35,8 @@ from pbmigrate.plan.model import Plan, build_plan
 from pbmigrate.preflight import check_postgres, safe_url
 from pbmigrate.source import plan_ranges
 from pbmigrate.source.snapshot import resolve_data_db, take_snapshot
+from pbmigrate.validate import assess as validate_assess
+from pbmigrate.validate import quality
 
 log = logging.getLogger("pbmigrate")
 
@@ -121,6 +130,7 @@ def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
 
 
 def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
+    run = checked_run(run)
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -155,6 +165,7 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
     neighbouring ranges of a collection are joined up to 1 / (`UNITS_PER_SLOT` x slots) of all
     rows, and tasks come largest first (schedulers start mapped tasks in map index order).
     `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
+    run = checked_run(run)
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -198,6 +209,7 @@ def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:
 
 def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
     """Load one unit of `plan_batches` (or a single range): each range in its own transaction."""
+    run = checked_run(run)
     ranges = batch.get("ranges") or [batch]
     source = open_run_source(run, api)
     results = []
@@ -239,6 +251,7 @@ def unit_line(results: list[dict]) -> str:
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
+    run = checked_run(run)
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -256,3 +269,68 @@ def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
     log.info("finalize: %s", report)
     metrics.push_phase("data", data_seconds or report["seconds"], True, run["run_id"])
     return report
+
+
+# --- the other stages, one call each ------------------------------------------------------------
+
+
+def assess(run: dict, pg_url: str, api: dict | None = None) -> dict:
+    """The pre-migration assessment, recorded with the run; passes the run on."""
+    validate_assess.assess_run(checked_run(run), pg_url, api=api)
+    return run
+
+
+def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batches: int | None = None,
+                      files: dict | None = None) -> list[dict]:
+    return files_stage.plan_file_batches(checked_run(run), pg_url, api=api, max_batches=max_batches, files=files)
+
+
+def copy_files(run: dict, batch: dict, pg_url: str, files: dict | None = None, api: dict | None = None) -> dict:
+    return files_stage.copy_batch(checked_run(run), batch, pg_url, files, api=api)
+
+
+def warm(run: dict, section: str, *, pg_url: str, redis_url: str) -> dict:
+    return warmup.warm_run(checked_run(run), section, pg_url=pg_url, redis_url=redis_url)
+
+
+def validate(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:
+    return quality.validate_run(checked_run(run), pg_url, api=api, files=files)
+
+
+def gate(run: dict, pg_url: str, max_reject_ratio: float) -> dict:
+    return promote.gate(checked_run(run), pg_url, max_reject_ratio)
+
+
+def decide(verdict: dict, mode: str = "auto", **branches: str) -> str:
+    """The task id the branch follows: cut over (or `cut_over=`), hold or roll back."""
+    return promote.decide(verdict, mode, **branches)
+
+
+def cut_over(run: dict, pg_url: str, redis_url: str) -> dict:
+    return promote.cut_over_run(checked_run(run), pg_url, redis_url)
+
+
+def hold(run: dict, pg_url: str) -> dict:
+    return promote.hold_run(checked_run(run), pg_url)
+
+
+def roll_back(run: dict, pg_url: str, redis_url: str | None, verdict: dict) -> None:
+    promote.roll_back_run(checked_run(run), pg_url, redis_url, verdict)
+
+
+def cutover_action(action: str, target_schema: str, pg_url: str, redis_url: str | None, reason: str = "") -> dict:
+    """`pocketbase_cutover`: promote a held run, or roll the live schema back."""
+    return promote.run_action(action, target_schema, pg_url, redis_url, reason)
+
+
+def resync(**kwargs: Any) -> dict:
+    """`pocketbase_resync`: one incremental re-sync (`sync.run_resync`'s keyword arguments)."""
+    return sync.run_resync(**kwargs)
+
+
+def final_sync(**kwargs: Any) -> dict:
+    """mode=final: the last re-sync with PocketBase frozen; returns the run context for the gates."""
+    return sync.final_sync(**kwargs)
+
+
+TargetCutOver = sync.TargetCutOver  # a scheduled re-sync after the cut-over: skipped, not failed
