@@ -91,7 +91,7 @@ def raw_keyset(src: ApiSource, collection: str) -> int:
         params = {"perPage": 1000, "sort": "id", "skipTotal": 1}
         if last is not None:
             params["filter"] = f"id>'{last}'"
-        data = json.loads(src.session.get(url, params=params, timeout=60).content)
+        data = json.loads(src.http.session.get(url, params=params, auth=src.http.auth, timeout=60).content)
         items = data["items"]
         n += len(items)
         if len(items) < data["perPage"]:

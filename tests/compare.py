@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from pbmigrate.plan.model import Plan, qi
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.model import Plan
 
 
 def _date(v):

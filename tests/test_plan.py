@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from pbmigrate.errors import MappingError
+from pbmigrate.pgsql import qi
 from pbmigrate.plan.mapping import load_mapping, parse_mapping
-from pbmigrate.plan.model import build_plan, qi
+from pbmigrate.plan.model import build_plan
 from pbmigrate.source.sqlite import SqliteSource
 
 

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from pbdev.pbserver import PocketBaseServer
 from pbmigrate.errors import SourceError
 from pbmigrate.source.api import SECRETS_WARNING, ApiSource, _split_points
 from pbmigrate.source.catalog import Collection, Field
+from pbmigrate.source.pbclient import Retryable, never_sent
 from pbmigrate.source.snapshot import take_snapshot
 from pbmigrate.source.sqlite import SqliteSource
 
@@ -307,12 +309,14 @@ def test_expired_or_rejected_token_logs_in_again(env: Env) -> None:
     try:
         tags = api.catalog().get("tags")
         assert api.logins == 1
-        api.session.headers["Authorization"] = api._token = "not-a-token"
+        api.http.auth.token = "not-a-token"
         assert api.count(tags) == 3  # 401/403, then a fresh login
         assert api.logins == 2
-        api._token_exp = 0  # as if the token were about to expire
+        api.http.auth.expires = 0  # as if the token were about to expire
         assert len(list(api.ids(tags))) == 3
         assert api.logins == 3
+        # the token rides on each request: threads sharing the session never see its headers change
+        assert "Authorization" not in api.http.session.headers
     finally:
         api.close()
 
@@ -408,3 +412,19 @@ def test_split_points_cut_a_range_of_random_ids_evenly() -> None:
         assert max(sizes) - min(sizes) < len(inside) * 0.05, sizes  # about equal parts
     assert _split_points("abc", "abc", 2) == []  # nothing strictly inside: one cursor
     assert all("B" < c <= "b~" for c in _split_points("B", "b~", 4))  # odd characters: still in range
+
+
+def test_a_refused_connection_is_known_unsent_by_its_type_not_its_text() -> None:
+    """A request that is not idempotent may be repeated only when the server cannot have seen
+    it: told from urllib3's exception type (the old check searched repr(exc) for a class name)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    try:
+        requests.post(f"http://127.0.0.1:{port}/api/backups", timeout=5)
+    except requests.ConnectionError as exc:
+        refused = exc
+    assert never_sent(refused)
+    assert not never_sent(requests.ReadTimeout("read timed out"))  # sent: the server may have acted
+    assert not never_sent(requests.ConnectionError("Connection aborted"))
+    assert not never_sent(Retryable("HTTP 503"))

@@ -21,6 +21,8 @@ from json.encoder import encode_basestring as _encode_str
 from typing import Any
 from uuid import UUID
 
+from pbmigrate.pgsql import ql
+
 MOD = 2**64
 SEP = "\x1f"
 NULL = "\\N"
@@ -155,7 +157,7 @@ def junction_digest(table: str, owner: str, targets: list[str]) -> int:
 
 def sql_junction_digest(table: str, owner_col: str, target_col: str) -> str:
     """SQL twin of `junction_digest`, an aggregate: use it with GROUP BY the owner column."""
-    lit = "'" + table.replace("'", "''") + "'"
+    lit = ql(table)
     return (f"('x' || left(md5(concat_ws(E'\\x1f', {lit}, {owner_col}, "
             f"array_to_json(array_agg({target_col} ORDER BY position))::text)), 16))::bit(64)::bigint")
 

@@ -41,7 +41,8 @@ import psycopg
 
 from pbmigrate.audit.meta import ensure_meta
 from pbmigrate.errors import ParamError, SourceError
-from pbmigrate.plan.model import Column, Plan, Table, qi
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.model import Column, Plan, Table
 from pbmigrate.source.catalog import Collection
 
 log = logging.getLogger("pbmigrate.files")

@@ -49,9 +49,10 @@ from pbmigrate.context import safe_name
 from pbmigrate.errors import ParamError, PbmError, Refused
 from pbmigrate.load import ledger, pgcopy
 from pbmigrate.load.columnar.batch import reject_all
+from pbmigrate.pgsql import qi
 from pbmigrate.plan.convert import Reject, multi, parse_datetime
 from pbmigrate.plan.mapping import load_mapping
-from pbmigrate.plan.model import Junction, Plan, Table, build_plan, qi
+from pbmigrate.plan.model import Junction, Plan, Table, build_plan
 from pbmigrate.source import Source, open_source
 from pbmigrate.source.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.source.sqlite import SqliteSource, select_sql

@@ -34,6 +34,7 @@ from pbmigrate.plan.mapping import Mapping, load_mapping
 from pbmigrate.plan.model import Plan, build_plan
 from pbmigrate.preflight import check_postgres, safe_url
 from pbmigrate.source import plan_ranges
+from pbmigrate.source.api import ApiSource
 from pbmigrate.source.snapshot import resolve_data_db, take_snapshot
 from pbmigrate.validate import assess as validate_assess
 from pbmigrate.validate import quality
@@ -117,8 +118,6 @@ def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
         log.info("snapshot of %s: %s (%s bytes, %.2f s), quick_check ok", snap.source, snap.path, snap.bytes,
                  snap.seconds)
         return snap.path
-    from pbmigrate.source.api import ApiSource
-
     src = ApiSource(**(api or {}))
     try:
         key = src.create_backup(None)

@@ -45,8 +45,9 @@ from psycopg import sql
 from redis.exceptions import AskError, ClusterDownError, MasterDownError, MovedError, NoScriptError, TryAgainError
 
 from pbmigrate.audit import metrics
-from pbmigrate.cache.client import RedisClient, describe, is_cluster
+from pbmigrate.cache.client import RedisClient, connect, describe, is_cluster
 from pbmigrate.cache.keys import (
+    PATTERNS,
     SWAP_LEADERBOARD,
     GameStateSpec,
     LeaderboardSpec,
@@ -62,7 +63,7 @@ from pbmigrate.cache.keys import (
     table_columns,
 )
 from pbmigrate.errors import MappingError, ParamError, TargetError
-from pbmigrate.plan.mapping import closest
+from pbmigrate.plan.mapping import closest, load_mapping
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -72,11 +73,8 @@ except ImportError:  # pragma: no cover - hiredis is pinned in requirements.txt
 log = logging.getLogger("pbmigrate")
 
 SECTIONS = ("profiles", "leaderboards", "game_state")
-PATTERN = {
-    "profiles": "user:{id}:profile",
-    "leaderboards": "leaderboard:{season}:top",
-    "game_state": "game:{id}:state",
-}
+PATTERN = {"profiles": PATTERNS["profile"], "leaderboards": PATTERNS["leaderboard"],
+           "game_state": PATTERNS["game_state"]}  # section -> the key schema's pattern
 KEYS_PER_SCRIPT_CALL = 250  # profiles per EVALSHA: big enough to amortise the call, small for latency
 MEMBERS_PER_ZADD = 1000
 RETRYABLE = (
@@ -564,9 +562,6 @@ def warm_run(run: Mapping[str, Any], section: str, *, pg_url: str, redis_url: st
     (counts and timings, never values) for XCom; raises TargetError once retries are spent,
     which fails the task and so blocks the cut-over.
     """
-    from pbmigrate.cache.client import connect
-    from pbmigrate.plan.mapping import load_mapping
-
     if section not in WARMERS:
         raise ParamError(f"unknown cache section {section!r}; known: {list(SECTIONS)}")
     cache = load_mapping(run["params"]["mapping"]).cache

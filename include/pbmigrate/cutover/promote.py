@@ -36,9 +36,13 @@ from psycopg.types.json import Jsonb
 
 from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.meta import cut_over_in_effect
+from pbmigrate.cache.client import connect
+from pbmigrate.cache.keys import get_backend, set_backend
+from pbmigrate.context import run_dir
 from pbmigrate.errors import ParamError, PbmError, Refused
-from pbmigrate.plan.ddl import previous_schema, staging_schema
-from pbmigrate.plan.model import qi
+from pbmigrate.files import manifest
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.ddl import previous_schema, schema_exists, staging_schema
 from pbmigrate.validate import report
 
 log = logging.getLogger("pbmigrate")
@@ -53,10 +57,6 @@ GATE_REASONS_SHOWN = 10
 
 class PromotionRefused(Refused):
     """The gate refused the run; staging was rolled back and the run must end failed."""
-
-
-def _schema_exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (name,)).fetchone() is not None
 
 
 def _lock(conn: psycopg.Connection, target: str) -> None:
@@ -178,18 +178,16 @@ def _record_backup(conn: psycopg.Connection, run: dict, kind: str, name: str, in
 def backup(conn: psycopg.Connection, run: dict, pg_url: str) -> list[dict]:
     """Before a cut-over: pg_dump the live schema (if there is one) and keep the source snapshot."""
     target = run["target_schema"]
-    folder = report.run_dir(run) / "backups"
+    folder = run_dir(run["target_schema"], run["run_id"]) / "backups"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     done = []
-    if _schema_exists(conn, target):
+    if schema_exists(conn, target):
         info = dump_schema(pg_url, target, folder / f"{target}-{stamp}.dump")
         done.append(_record_backup(conn, run, "schema", target, info))
         log.info("backup: schema %s -> %s (%s bytes, %.1f s)", target, info["path"], f"{info['bytes']:,}",
                  info["seconds"])
     else:
         log.info("backup: no live schema %s yet, nothing to dump", target)
-    from pbmigrate.files import manifest
-
     files = manifest(conn, run, folder / f"files-{stamp}.jsonl")
     if files is not None:  # the store itself stays: no roll-back deletes it
         info = {"path": files["path"], "bytes": files["bytes"]}
@@ -197,7 +195,7 @@ def backup(conn: psycopg.Connection, run: dict, pg_url: str) -> list[dict]:
         log.info("backup: %s files (%s bytes) in %s, listed in %s", f"{files['files']:,}", f"{files['bytes']:,}",
                  files["store"], files["path"])
     snapshot = run.get("snapshot_path")
-    candidates = [Path(snapshot)] if snapshot else sorted(report.run_dir(run).glob("*.zip"))
+    candidates = [Path(snapshot)] if snapshot else sorted(run_dir(run["target_schema"], run["run_id"]).glob("*.zip"))
     source = next((p for p in candidates if p.is_file()), None)
     if source is None:
         log.warning("backup: the source snapshot of run %s is gone; PocketBase itself is the only copy",
@@ -228,9 +226,6 @@ def _mirror_flag(conn: psycopg.Connection, backend: str, target: str, run_id: st
 
 def set_redis_flag(redis_url: str, backend: str) -> str | None:
     """Tell the game server which backend to use; returns what the flag said before."""
-    from pbmigrate.cache.client import connect
-    from pbmigrate.cache.keys import set_backend
-
     client = connect(redis_url)
     try:
         previous = set_backend(client, backend)
@@ -283,9 +278,9 @@ def swap(conn: psycopg.Connection, run: dict, backups: list[dict]) -> dict[str, 
     with conn.transaction():
         conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         _lock(conn, target)
-        if not _schema_exists(conn, staging):
+        if not schema_exists(conn, staging):
             raise PbmError(f"cut-over of run {run_id}: staging schema {staging} does not exist")
-        had_live = _schema_exists(conn, target)
+        had_live = schema_exists(conn, target)
         grants = 0
         if had_live:
             grants = copy_grants(conn, target, staging)
@@ -311,7 +306,7 @@ def cut_over(run: dict, pg_url: str, redis_url: str) -> dict[str, Any]:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta.ensure_meta(conn)
         effect = cut_over_in_effect(conn, target)
-        if effect and effect["run_id"] == run_id and not _schema_exists(conn, staging_schema(target)):
+        if effect and effect["run_id"] == run_id and not schema_exists(conn, staging_schema(target)):
             log.info("cut-over of run %s was already committed; setting the flag again", run_id)
             result: dict[str, Any] = {"previous_schema": effect["previous_schema"], "already": True}
         else:
@@ -342,9 +337,6 @@ def _finish_run(conn: psycopg.Connection, run_id: str | None, status: str) -> No
 
 def redis_flag(redis_url: str) -> str:
     """What the flag says in Redis now (`pocketbase` until it was ever set)."""
-    from pbmigrate.cache.client import connect
-    from pbmigrate.cache.keys import get_backend
-
     client = connect(redis_url)
     try:
         return get_backend(client)
@@ -359,7 +351,7 @@ def discard(conn: psycopg.Connection, target: str, run_id: str | None, reason: s
     backend = redis_flag(redis_url) if redis_url else flag_value(conn)  # recorded, never changed
     with conn.transaction():
         _lock(conn, target)
-        existed = _schema_exists(conn, staging)
+        existed = schema_exists(conn, staging)
         conn.execute(f"DROP SCHEMA IF EXISTS {qi(staging)} CASCADE")
         conn.execute(
             """INSERT INTO pbm_meta.cutovers (run_id, target_schema, action, backend, previous_schema, reason)
@@ -380,10 +372,10 @@ def undo(conn: psycopg.Connection, target: str, effect: dict, pg_url: str, redis
     with conn.transaction():
         conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         _lock(conn, target)
-        if _schema_exists(conn, target):
+        if schema_exists(conn, target):
             conn.execute(f"DROP SCHEMA IF EXISTS {qi(aside)} CASCADE")
             conn.execute(f"ALTER SCHEMA {qi(target)} RENAME TO {qi(aside)}")
-        if _schema_exists(conn, previous):
+        if schema_exists(conn, previous):
             conn.execute(f"ALTER SCHEMA {qi(previous)} RENAME TO {qi(target)}")
             restored = f"schema {previous}"
         elif effect["previous_schema"]:
@@ -424,7 +416,7 @@ def roll_back(target: str, pg_url: str, redis_url: str | None, reason: str,
         if run_id is None:
             latest = _latest_run(conn, target)
             waiting = (latest and latest[1] not in ("promoted", "rolled_back")
-                       and _schema_exists(conn, staging_schema(target)))
+                       and schema_exists(conn, staging_schema(target)))
             if waiting:
                 return discard(conn, target, latest[0], reason, redis_url)
             if effect is None:

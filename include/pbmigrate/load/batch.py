@@ -17,7 +17,8 @@ import psycopg
 
 from pbmigrate import checksum
 from pbmigrate.load.columnar.batch import copy_batch
-from pbmigrate.plan.model import Table, qi
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.model import Table
 from pbmigrate.source import Source
 
 log = logging.getLogger(__name__)

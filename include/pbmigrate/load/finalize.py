@@ -25,7 +25,8 @@ from psycopg.conninfo import make_conninfo
 
 from pbmigrate.errors import ParamError
 from pbmigrate.load import ledger
-from pbmigrate.plan.model import Junction, Plan, Table, qi
+from pbmigrate.pgsql import qi, with_schema
+from pbmigrate.plan.model import DANGLING, Junction, Plan, Table, dangling_reason
 
 log = logging.getLogger(__name__)
 ORPHAN_MODES = ("reject", "null")
@@ -90,7 +91,7 @@ def prebuild(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
     s = qi(schema)
     work = [f"ANALYZE {s}.{qi(name)}" for t in plan.tables for name in (t.name, *(j.table for j in t.junctions))]
     work += _primary_keys(conn, schema, plan) + _plain_indexes(schema, plan)
-    work += [i.sql.replace("{schema}", s) for t in plan.tables for i in t.indexes if i.unique]
+    work += [with_schema(i.sql, schema) for t in plan.tables for i in t.indexes if i.unique]
     queue, lock, errors = iter(work), threading.Lock(), []
     conninfo = make_conninfo(conn.info.dsn, password=conn.info.password)
 
@@ -142,10 +143,9 @@ def create_unique_indexes(conn: psycopg.Connection, schema: str, plan: Plan, run
     """Each unique index is built optimistically in a savepoint: the build is the duplicate check.
     Only when it fails are the rows that break it rejected (the first by id stays), then it is
     built again. Runs before orphan resolution, because rejecting a row can orphan others."""
-    s = qi(schema)
     for t in plan.tables:
         for idx in (i for i in t.indexes if i.unique):
-            sql = idx.sql.replace("{schema}", s)
+            sql = with_schema(idx.sql, schema)
             try:
                 with conn.transaction():
                     conn.execute(sql)
@@ -230,7 +230,7 @@ def _single_orphans(conn: psycopg.Connection, schema: str, t: Table, column: str
                       ledger.difference(ledger.row_sums(conn, schema, t, run_id, affected), before))
     else:
         n = _reject_ids(conn, schema, t, run_id, select, (), fname,
-                        f"dangling relation: {fname} points at a missing {target} record")
+                        dangling_reason(fname, target))
     _tally(counts, (t.collection.name, fname, target), n, ids)
     return n
 
@@ -254,7 +254,7 @@ def _junction_orphans(conn: psycopg.Connection, schema: str, t: Table, j: Juncti
         ledger.adjust(conn, run_id, t.collection.name, ledger.difference(after, before))
     else:
         n = _reject_ids(conn, schema, t, run_id, dangling, (), j.field.name,
-                        f"dangling relation: {j.field.name} holds an id missing from {j.target_table}")
+                        dangling_reason(j.field.name, j.target_table, junction=True))
     _tally(counts, key, n, ids)
     return n
 
@@ -269,7 +269,7 @@ def _plain_indexes(schema: str, plan: Plan) -> list[str]:
     """The non-unique indexes: PocketBase's own, each junction's target, each foreign key column."""
     s, out = qi(schema), []
     for t in plan.tables:
-        out += [idx.sql.replace("{schema}", s) for idx in t.indexes if not idx.unique]
+        out += [with_schema(idx.sql, schema) for idx in t.indexes if not idx.unique]
         for j in t.junctions:
             name = f"{j.table}_{j.target}_idx"[:63]
             out.append(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(j.table)} ({qi(j.target)})")
@@ -304,7 +304,7 @@ def add_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan, report: 
 def create_views(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
     s = qi(schema)
     for name, select in plan.derived.items():
-        conn.execute(f"CREATE OR REPLACE VIEW {s}.{qi(name)} AS {select.replace('{schema}', s)}")
+        conn.execute(f"CREATE OR REPLACE VIEW {s}.{qi(name)} AS {with_schema(select, schema)}")
         report.views.append(name)
 
 
@@ -316,8 +316,8 @@ def _read_back(conn: psycopg.Connection, run_id: str, report: FinalizeReport) ->
         """SELECT collection, field, count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize'
               AND reason LIKE 'duplicate value%%' GROUP BY 1, 2 ORDER BY 1, 2""", (run_id,))}
     report.orphan_rejects = conn.execute(
-        "SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize' AND reason LIKE 'dangling%%'",
-        (run_id,)).fetchone()[0]
+        "SELECT count(*) FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize' AND reason LIKE %s",
+        (run_id, DANGLING + "%")).fetchone()[0]
 
 
 def finalize(conn: psycopg.Connection, schema: str, plan: Plan, run_id: str, orphans: str = "reject") -> dict:

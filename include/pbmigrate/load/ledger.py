@@ -11,7 +11,8 @@ from __future__ import annotations
 import psycopg
 
 from pbmigrate import checksum
-from pbmigrate.plan.model import Junction, Table, qi
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.model import Junction, Table
 
 _IN_BATCH = ('JOIN pbm_meta.batches b ON b.run_id = %s AND b.collection = %s '
              'AND {id} >= (b.lo COLLATE "C") AND {id} <= (b.hi COLLATE "C")')

@@ -16,7 +16,8 @@ import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from pbmigrate.plan.model import Table, qi
+from pbmigrate.pgsql import qi
+from pbmigrate.plan.model import Table
 
 BINARY_TYPES = frozenset({"text", "bigint", "double precision", "boolean", "timestamptz", "text[]", "jsonb", "point"})
 _point = struct.Struct(">dd").pack

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import psycopg
 
 from pbmigrate.errors import MappingError
-from pbmigrate.plan.model import Junction, Plan, Table, qi
+from pbmigrate.pgsql import qi, with_schema
+from pbmigrate.plan.model import Junction, Plan, Table
 
 
 def staging_schema(target_schema: str) -> str:
@@ -82,7 +83,11 @@ def scratch_schema(conn: psycopg.Connection, plan: Plan, mapping_source: str) ->
         for name, select in plan.derived.items():
             try:
                 with conn.transaction():
-                    conn.execute(f"CREATE VIEW {qi(scratch)}.{qi(name)} AS {select.replace('{schema}', qi(scratch))}")
+                    conn.execute(f"CREATE VIEW {qi(scratch)}.{qi(name)} AS {with_schema(select, scratch)}")
             except psycopg.Error as exc:
                 raise MappingError(f"mapping {mapping_source}: derive.{name}: the SQL fails: {_problem(exc)}") from None
         yield scratch
+
+
+def schema_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (name,)).fetchone() is not None

@@ -11,18 +11,10 @@ from dataclasses import dataclass, field
 
 from pbmigrate import checksum
 from pbmigrate.errors import MappingError
+from pbmigrate.pgsql import PG_MAX_IDENT, qi, ql_list
 from pbmigrate.plan.convert import Converter, converter_for
 from pbmigrate.plan.mapping import Mapping, closest, validate_mapping
 from pbmigrate.source.catalog import Catalog, Collection, Field
-
-PG_MAX_IDENT = 63
-
-
-def qi(ident: str) -> str:
-    """Quote a PostgreSQL identifier (keywords and quotes included)."""
-    if len(ident.encode()) > PG_MAX_IDENT:
-        raise MappingError(f"identifier {ident!r} is longer than PostgreSQL's {PG_MAX_IDENT} bytes; rename it")
-    return '"' + ident.replace('"', '""') + '"'
 
 
 def pg_type(f: Field) -> str:
@@ -169,7 +161,7 @@ def _nullable(f: Field, ptype: str, has_secrets: bool) -> bool:
 def _check(f: Field, col: str) -> str | None:
     if f.type != "select" or not f.values:
         return None
-    values = ", ".join("'" + v.replace("'", "''") + "'" for v in f.values)
+    values = ql_list(f.values)
     if f.multi:
         return f"{qi(col)} <@ ARRAY[{values}]::text[]"
     return f"{qi(col)} IN ({values})"
@@ -357,3 +349,14 @@ def _translate_where(where: str, colname: dict[str, str]) -> str | None:
         else:
             out.append(m.group(5) or m.group(6) or m.group(7))
     return " ".join(out)
+
+
+DANGLING = "dangling relation"  # the reject reasons' common start (reports count them by it)
+
+
+def dangling_reason(field: str, target: str, *, junction: bool = False) -> str:
+    """Why a row whose relation points at no record is rejected: one wording for finalize, the
+    re-sync and the reports. `target` is the table (a single relation's collection table)."""
+    if junction:
+        return f"{DANGLING}: {field} holds an id missing from {target}"
+    return f"{DANGLING}: {field} points at a missing {target} record"

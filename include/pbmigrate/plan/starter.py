@@ -16,8 +16,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pbmigrate.pgsql import PG_MAX_IDENT
 from pbmigrate.plan.mapping import secret_reason
-from pbmigrate.plan.model import PG_MAX_IDENT, pg_type
+from pbmigrate.plan.model import pg_type
 from pbmigrate.source.catalog import Catalog, Collection, Field
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -13,9 +13,7 @@ not byte for byte; compare JSON values parsed, never as text.
 
 from __future__ import annotations
 
-import base64
 import json
-import random
 import re
 import shutil
 import threading
@@ -33,19 +31,16 @@ from urllib.parse import quote, quote_plus
 
 import requests
 
-from pbmigrate.errors import BadSource, SourceError
+from pbmigrate.errors import SourceError
 from pbmigrate.source.catalog import Catalog, Collection, Field, catalog_from_api
+from pbmigrate.source.pbclient import PocketBaseClient, Retryable, short
 
 PER_PAGE = 1000  # what we ask for; 0.22 clamps to 500 and 0.23+ to 1000, silently
 BACKUP_NAME = re.compile(r"^[a-z0-9_-]+\.zip$")
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-BACKOFF_BASE = 0.5  # seconds; doubles per attempt, plus jitter
-BACKOFF_CAP = 8.0
 IDS_PER_REQUEST = 100  # ids asked for in one filter (well under a page, even 0.22's 500)
 # URL-encoded bytes for such a filter: 0.22 answers "Query string is too large." from about 2,000
 # bytes of query string, and 0.40 refuses filters over 3,500 characters.
 FILTER_BUDGET = 1800
-TOKEN_MARGIN = 120  # re-authenticate this many seconds before the token expires
 FILE_TOKEN_SECONDS = 60  # file tokens live 120 s (0.22) to 180 s (0.23+): renew well before
 
 # Auth columns of 0.22 that the API never returns (secrets, and internal timestamps).
@@ -65,17 +60,12 @@ _GO_HTML_ESCAPES = str.maketrans(
 )
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt (429, 5xx, dropped connection, truncated body)."""
-
-
 class ApiSource:
     """A `Source` over a live PocketBase's REST API (0.22 admins or 0.23+ superusers).
 
-    Logs in at construction, so a wrong password, an unreachable URL or a server that is not
-    PocketBase fails at once with a one-line SourceError. `retries` applies to every request
-    (429, 5xx, refused or dropped connections), with exponential backoff: the default five
-    retries wait about 15-23 s in all, enough to ride out a PocketBase restart. `prefetch` asks
+    Its `PocketBaseClient` logs in at construction, so a wrong password, an unreachable URL or a
+    server that is not PocketBase fails at once with a one-line SourceError, and retries every
+    request (`retries`, with backoff: enough to ride out a PocketBase restart). `prefetch` asks
     for the next page while the caller consumes the current one, so server and client work
     overlap on a machine with a core for each. An unordered read (the loader's) runs `cursors`
     keyset cursors over disjoint parts of the range at once: PocketBase spends most of a page's
@@ -87,32 +77,28 @@ class ApiSource:
 
     def __init__(self, url: str, email: str, password: str, timeout: float = 30, retries: int = 5,
                  prefetch: bool = True, cursors: int = 2):
-        self.url = url.rstrip("/")
-        self.email = email
-        self._password = password
-        self.timeout = timeout
-        self.retries = max(0, retries)
+        self.http = PocketBaseClient(url, email, password, timeout=timeout, retries=retries)
+        self.url = self.http.url
         self.prefetch = prefetch
         self.cursors = max(1, cursors) if prefetch else 1
-        self.session = requests.Session()
-        self.session.headers["Accept"] = "application/json"
-        self.generation: int = 0
-        self._token: str | None = None
-        self._token_exp: float = 0.0
-        self.logins = 0  # successful superuser logins (re-logins show token expiry or rejection)
-        self.retried = 0  # requests repeated after a network failure, 429 or 5xx
-        self._auth_lock = threading.Lock()
         self._file_lock = threading.Lock()
         self._file_token: tuple[str | None, float] = (None, 0.0)
         self._catalog: Catalog | None = None
         self._html_escape: bool | None = None
         self._filter_backslashes: bool | None = None
-        try:
-            self._check_health()
-            self._authenticate()
-        except BaseException:
-            self.session.close()
-            raise
+
+    @property
+    def generation(self) -> int:
+        """22 (admins, `_collections.schema`) or 23 (superusers, `fields`): the login tells."""
+        return self.http.generation
+
+    @property
+    def logins(self) -> int:
+        return self.http.logins
+
+    @property
+    def retried(self) -> int:
+        return self.http.retried
 
     # -- Source protocol -------------------------------------------------------------------
 
@@ -122,7 +108,7 @@ class ApiSource:
             items: list[dict[str, Any]] = []
             page = 1
             while True:
-                resp, data = self._send("GET", "/api/collections", params={"page": page, "perPage": 200},
+                resp, data = self.http.send("GET", "/api/collections", params={"page": page, "perPage": 200},
                                         parse=True)
                 if self._html_escape is None:
                     self._html_escape = _detects_html_escaping(resp.content, self.generation)
@@ -135,7 +121,7 @@ class ApiSource:
         return self._catalog
 
     def count(self, coll: Collection) -> int:
-        data = self._get(self._records_path(coll), {"perPage": 1, "fields": "id"}, coll=coll)
+        data = self.http.get(self._records_path(coll), {"perPage": 1, "fields": "id"}, what=f"collection {coll.name!r}")
         return int(data["totalItems"])
 
     def ids(self, coll: Collection, lo: str | None = None, hi: str | None = None) -> Iterator[str]:
@@ -193,7 +179,7 @@ class ApiSource:
                 yield from map(convert, items)
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
     # -- what API mode cannot do ---------------------------------------------------------------
 
@@ -221,7 +207,7 @@ class ApiSource:
 
     def list_backups(self) -> list[dict[str, Any]]:
         """`[{"key", "size", "modified"}]` as the server reports them."""
-        return list(self._get("/api/backups", {}) or [])
+        return list(self.http.get("/api/backups", {}) or [])
 
     def create_backup(self, name: str | None = None, timeout: float | None = None) -> str:
         """Ask the server for a backup zip and return its key.
@@ -237,8 +223,8 @@ class ApiSource:
         if not BACKUP_NAME.match(key):
             raise SourceError(f"{self.url}: backup name {key!r} must match {BACKUP_NAME.pattern}")
         try:
-            self._request("POST", "/api/backups", json_body={"name": key}, idempotent=False,
-                          timeout=max(self.timeout, timeout or 1800))
+            self.http.request("POST", "/api/backups", json_body={"name": key}, idempotent=False,
+                          timeout=max(self.http.timeout, timeout or 1800))
         except SourceError:
             if any(b.get("key") == key for b in self._safe_list_backups()):
                 return key
@@ -257,23 +243,24 @@ class ApiSource:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".partial")
         path = f"/api/backups/{quote(key, safe='')}"
-        for attempt in range(self.retries + 1):
-            token = self._send("POST", "/api/files/token", parse=True)[1]["token"]
+
+        def attempt() -> None:
+            token = self.http.send("POST", "/api/files/token", parse=True)[1]["token"]
             try:
-                resp = self._request("GET", path, params={"token": token}, stream=True,
-                                     what=f"backup {key!r}")
+                resp = self.http.request("GET", path, params={"token": token}, stream=True, what=f"backup {key!r}")
                 with resp, tmp.open("wb") as fh:
                     shutil.copyfileobj(resp.raw, fh, 1 << 20)
                     expected = resp.headers.get("Content-Length")
                 if expected is not None and tmp.stat().st_size != int(expected):
-                    raise _Retryable(f"got {tmp.stat().st_size} of {expected} bytes")
-                break
-            except (_Retryable, requests.RequestException, OSError) as exc:
+                    raise Retryable(f"got {tmp.stat().st_size} of {expected} bytes")
+            except BaseException:
                 tmp.unlink(missing_ok=True)
-                if attempt >= self.retries:
-                    raise SourceError(f"{self.url}: downloading backup {key!r} failed: "
-                                      f"{_short(exc)}") from exc
-                time.sleep(_backoff(attempt))
+                raise
+
+        try:
+            self.http.retrying(Retryable, requests.RequestException, OSError)(attempt)
+        except (Retryable, requests.RequestException, OSError) as exc:
+            raise SourceError(f"{self.url}: downloading backup {key!r} failed: {short(exc)}") from exc
         if not zipfile.is_zipfile(tmp):
             tmp.unlink(missing_ok=True)
             raise SourceError(f"{self.url}: backup {key!r} is not a zip file")
@@ -287,7 +274,7 @@ class ApiSource:
         with self._file_lock:
             token, at = self._file_token
             if refresh or token is None or time.monotonic() - at > FILE_TOKEN_SECONDS:
-                token = self._send("POST", "/api/files/token", parse=True)[1]["token"]
+                token = self.http.send("POST", "/api/files/token", parse=True)[1]["token"]
                 self._file_token = (token, time.monotonic())
             return token
 
@@ -298,7 +285,7 @@ class ApiSource:
         path = "/api/files/" + "/".join(quote(p, safe="") for p in (collection_id, record_id, name))
         for attempt in range(2):
             try:
-                resp = self._request("GET", path, params={"token": self.file_token(refresh=attempt > 0)},
+                resp = self.http.request("GET", path, params={"token": self.file_token(refresh=attempt > 0)},
                                      stream=True, check=False)
             except SourceError as exc:  # a network error's text may quote the URL, token included
                 raise SourceError(re.sub(r"token=[^&\s'\")]+", "token=***", str(exc))) from None
@@ -312,7 +299,7 @@ class ApiSource:
         raise SourceError(f"{self.url}: GET {path} answered {resp.status_code}")
 
     def delete_backup(self, key: str) -> None:
-        self._request("DELETE", f"/api/backups/{quote(key, safe='')}", idempotent=True,
+        self.http.request("DELETE", f"/api/backups/{quote(key, safe='')}", idempotent=True,
                       what=f"backup {key!r}")
 
     # -- paging --------------------------------------------------------------------------------
@@ -348,7 +335,7 @@ class ApiSource:
             if hi is not None:
                 clauses.append(f"id<={lit(hi)}")
             params = {"perPage": PER_PAGE, "sort": "id", "skipTotal": 1, "filter": " && ".join(clauses)}
-            return self._get(path, params, coll=coll)
+            return self.http.get(path, params, what=f"collection {coll.name!r}")
 
         if not self.prefetch:
             def start(last: str | None) -> Future[dict[str, Any]]:
@@ -388,7 +375,7 @@ class ApiSource:
         """Whether this server's filter syntax reads `\\\\` as a backslash (asked once, only
         when an id holds one: `'x\\\\'` is a complete literal there and unterminated before)."""
         if self._filter_backslashes is None:
-            resp = self._request("GET", self._records_path(coll), check=False,
+            resp = self.http.request("GET", self._records_path(coll), check=False,
                                  params={"perPage": 1, "skipTotal": 1, "fields": "id",
                                          "filter": "id='x\\\\'"})
             self._filter_backslashes = resp.status_code == 200
@@ -427,126 +414,6 @@ class ApiSource:
         return convert
 
     # -- HTTP ------------------------------------------------------------------------------------
-
-    def _check_health(self) -> None:
-        """Fail early, and clearly, when the URL is not a PocketBase server."""
-        resp = self._request("GET", "/api/health", auth=False, check=False)
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if resp.status_code != 200 or not isinstance(body, dict) or "message" not in body:
-            kind = resp.headers.get("Content-Type", "?").split(";")[0]
-            raise BadSource(f"{self.url}: not a PocketBase server (GET /api/health answered "
-                              f"{resp.status_code} {kind})")
-
-    def _authenticate(self) -> None:
-        """Log in as superuser; the endpoint also tells the schema generation (0.23+ or 0.22)."""
-        endpoints = [(23, "/api/collections/_superusers/auth-with-password"),
-                     (22, "/api/admins/auth-with-password")]
-        if self.generation:
-            endpoints = [e for e in endpoints if e[0] == self.generation]
-        body = {"identity": self.email, "password": self._password}
-        for generation, path in endpoints:
-            resp = self._request("POST", path, json_body=body, auth=False, check=False,
-                                 idempotent=True)
-            if resp.status_code == 404:
-                continue
-            if resp.status_code in (400, 401, 403):
-                raise BadSource(f"{self.url}: superuser login as {self.email!r} failed: wrong email "
-                                  f"or password ({_message(resp)})")
-            if resp.status_code != 200:
-                raise SourceError(f"{self.url}: superuser login answered {resp.status_code}: "
-                                  f"{_message(resp)}")
-            token = self._json(resp).get("token")
-            if not token:
-                raise SourceError(f"{self.url}: superuser login returned no token")
-            self.generation = generation
-            self.logins += 1
-            self._token = token
-            self._token_exp = _jwt_exp(token)
-            self.session.headers["Authorization"] = token
-            return
-        raise BadSource(f"{self.url}: no superuser login endpoint (not a PocketBase server, or a "
-                          "version older than 0.22)")
-
-    def _reauthenticate(self, stale: str | None) -> None:
-        with self._auth_lock:
-            if self._token == stale:  # another thread may have done it already
-                self._authenticate()
-
-    def _get(self, path: str, params: Mapping[str, Any], coll: Collection | None = None) -> Any:
-        what = f"collection {coll.name!r}" if coll is not None else None
-        return self._send("GET", path, params=params, what=what, parse=True)[1]
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        return self._send(method, path, **kwargs)[0]
-
-    def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              json_body: Any = None, auth: bool = True, check: bool = True, idempotent: bool = True,
-              stream: bool = False, timeout: float | None = None, what: str | None = None,
-              parse: bool = False) -> tuple[requests.Response, Any]:
-        """One API call with retries (exponential backoff + jitter) and re-login on 401/403.
-
-        With `parse`, the body is decoded inside the retry loop, so a connection dropped in the
-        middle of a response is retried like any other network failure.
-        """
-        url = self.url + path
-        reauthed = False
-        attempt = 0
-        while True:
-            token = self._token
-            if auth and token and time.time() > self._token_exp - TOKEN_MARGIN:
-                self._reauthenticate(token)
-            headers = None if auth else {"Authorization": None}
-            body: Any = None
-            try:
-                resp = self.session.request(
-                    method, url, params=params, json=json_body, headers=headers, stream=stream,
-                    timeout=(min(10.0, self.timeout), timeout or self.timeout),
-                )
-                if resp.status_code in RETRY_STATUS and (idempotent or resp.status_code == 429):
-                    raise _Retryable(f"HTTP {resp.status_code}: {_message(resp)}", resp)
-                if parse and resp.status_code == 200:
-                    try:
-                        body = json.loads(resp.content)
-                    except ValueError as exc:
-                        if resp.headers.get("Content-Type", "").startswith("application/json"):
-                            raise _Retryable(f"truncated JSON response ({exc})") from exc
-                        raise SourceError(f"{self.url}: {method} {path} did not answer JSON "
-                                          "(not a PocketBase server?)") from exc
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    _Retryable) as exc:
-                if not (idempotent or _never_sent(exc)) or attempt >= self.retries:
-                    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
-                    if isinstance(exc, _Retryable):
-                        raise SourceError(f"{self.url}: {method} {path} kept failing ({_short(exc)}; "
-                                          f"{tries})") from exc
-                    raise SourceError(f"{self.url}: cannot reach the server ({_short(exc)}; {method} "
-                                      f"{path}, {tries})") from exc
-                time.sleep(_backoff(attempt, exc))
-                attempt += 1
-                self.retried += 1
-                continue
-            if auth and resp.status_code in (401, 403) and not reauthed:
-                reauthed = True
-                self._reauthenticate(token)
-                continue
-            if check and resp.status_code >= 400:
-                if resp.status_code == 404 and what:
-                    raise SourceError(f"{self.url}: unknown {what} (404 {_message(resp)})")
-                raise SourceError(f"{self.url}: {method} {path} answered {resp.status_code}: "
-                                  f"{_message(resp)}")
-            return resp, body
-
-    def _json(self, resp: requests.Response) -> Any:
-        if resp.status_code == 204 or not resp.content:
-            return None
-        try:
-            return json.loads(resp.content)
-        except ValueError as exc:
-            raise SourceError(f"{self.url}: {resp.request.path_url.split('?')[0]} did not answer "
-                              f"JSON ({_short(exc)})") from exc
 
     def _safe_list_backups(self) -> list[dict[str, Any]]:
         try:
@@ -706,62 +573,3 @@ def _check_order(items: list[dict[str, Any]], previous: str | None, coll: Collec
             raise SourceError(f"{url}: collection {coll.name!r} returned ids out of order "
                               f"({prev!r} then {rid!r}); keyset paging needs text ids")
         prev = rid
-
-
-def _jwt_exp(token: str) -> float:
-    """The token's expiry (JWT `exp`), or one hour from now if it cannot be read."""
-    try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        return float(json.loads(base64.urlsafe_b64decode(payload))["exp"])
-    except (IndexError, KeyError, TypeError, ValueError):
-        return time.time() + 3600
-
-
-def _backoff(attempt: int, exc: BaseException | None = None) -> float:
-    retry_after = None
-    if isinstance(exc, _Retryable) and len(exc.args) > 1:
-        retry_after = exc.args[1].headers.get("Retry-After")
-    if retry_after and retry_after.isdigit():
-        return min(float(retry_after), 60.0)
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
-    return delay + random.uniform(0, delay / 2)
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True when the server cannot have acted on the request (refused connection or 429)."""
-    if isinstance(exc, _Retryable):
-        return len(exc.args) > 1 and exc.args[1].status_code == 429
-    return isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
-
-
-def _message(resp: requests.Response) -> str:
-    """The `message` of either error shape (0.22 `code`, 0.23+ `status`), else the start of the body."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and body.get("message"):
-        msg = str(body["message"])
-        data = body.get("data")
-        if isinstance(data, dict) and data:
-            details = "; ".join(
-                f"{k}: {v.get('message', v) if isinstance(v, dict) else v}" for k, v in data.items()
-            )
-            msg = f"{msg} ({details})"
-        return msg
-    text = resp.text.strip().replace("\n", " ")
-    return text[:120] or resp.reason or "no message"
-
-
-def _short(exc: BaseException) -> str:
-    """One line about a network error, without urllib3's nested reprs."""
-    text = str(exc.args[0]) if isinstance(exc, _Retryable) else str(exc)
-    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if m:
-        return m.group(1).strip()
-    for marker in ("Read timed out", "Connection refused", "Connection reset", "Connection aborted",
-                   "RemoteDisconnected", "IncompleteRead", "timed out"):
-        if marker in text:
-            return marker
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -13,7 +13,13 @@ import logging
 import re
 from typing import Any
 
-from pbmigrate.plan.mapping import Mapping
+import psycopg
+
+from pbmigrate.audit import meta
+from pbmigrate.context import open_run_source
+from pbmigrate.load.columnar.batch import TableConverter
+from pbmigrate.load.columnar.read import chunks
+from pbmigrate.plan.mapping import Mapping, load_mapping
 from pbmigrate.plan.model import INDEX_RE, Plan, Table, build_plan
 from pbmigrate.source import Source
 from pbmigrate.source.catalog import Catalog, Collection
@@ -40,9 +46,6 @@ def _add(bucket: dict, key: str, rid: str) -> None:
 def bad_values(source: Source, table: Table) -> dict[str, dict]:
     """{"field: reason kind": {count, examples}} from the loader's own column converters (and, for
     the rows they send back, its per-row ones): a scan on the load's columnar machinery."""
-    from pbmigrate.load.columnar.batch import TableConverter
-    from pbmigrate.load.columnar.read import chunks
-
     work = TableConverter(table, source.has_secrets)
     rejects: list[tuple[str, str, str]] = []
     for chunk in chunks(source, table, None, None):
@@ -217,12 +220,6 @@ def render(report: dict[str, Any]) -> str:
 
 def assess_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
     """The DAG's assessment task: print the table, keep the JSON in pbm_meta.runs."""
-    import psycopg
-
-    from pbmigrate.audit import meta
-    from pbmigrate.context import open_run_source
-    from pbmigrate.plan.mapping import load_mapping
-
     source = open_run_source(run, api)
     try:
         report = assess(source, load_mapping(run["params"]["mapping"]), run["params"]["collections"])

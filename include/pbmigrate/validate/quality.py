@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,13 @@ import psycopg
 from pbmigrate import checksum
 from pbmigrate.audit import metrics
 from pbmigrate.audit.meta import Check
+from pbmigrate.context import open_run_source, run_dir, run_plan
 from pbmigrate.files import file_checks
 from pbmigrate.load import ledger
-from pbmigrate.plan.model import Plan, Table, qi
+from pbmigrate.pgsql import qi, ql_list
+from pbmigrate.plan.model import Plan, Table
 from pbmigrate.source import Source
+from pbmigrate.sync import compare_collection, last_resync
 
 log = logging.getLogger("pbmigrate")
 
@@ -55,10 +57,6 @@ class Spec:
 
 
 # --------------------------------------------------------------------------- what to expect
-
-
-def _sql_list(values: Iterable[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
 BATCH = "\x00batch\x00"  # stands for the table under test until the SQL is handed to GX
@@ -86,7 +84,7 @@ def table_specs(table: Table, schema: str, expected_rows: int) -> list[Spec]:
         if c.field.type != "select" or not c.field.values:
             continue
         if c.type.endswith("[]"):
-            sql = f"SELECT id FROM {BATCH} WHERE NOT ({qi(c.name)} <@ ARRAY[{_sql_list(c.field.values)}]::text[])"
+            sql = f"SELECT id FROM {BATCH} WHERE NOT ({qi(c.name)} <@ ARRAY[{ql_list(c.field.values)}]::text[])"
             specs.append(Spec(f"in_set:{c.name}", "no_rows", c.name, sql))
         elif c.type == "text":
             specs.append(Spec(f"in_set:{c.name}", "in_set", c.name, list(c.field.values)))
@@ -293,7 +291,7 @@ def _examples(conn: psycopg.Connection, spec: Spec, batch: str) -> list[str]:
         sql = f"SELECT id FROM {batch} WHERE {qi(spec.column)} IS NULL"
     elif spec.kind == "in_set":
         sql = (f"SELECT DISTINCT {qi(spec.column)} FROM {batch} WHERE {qi(spec.column)} NOT IN "
-               f"({_sql_list(spec.value)})")
+               f"({ql_list(spec.value)})")
     else:
         return []
     try:
@@ -359,9 +357,7 @@ def run_checkpoints(pg_url: str, schema: str, specs: dict[str, list[Spec]], run_
 
 
 def validation_dir(run: dict) -> Path:
-    from pbmigrate.validate.report import run_dir
-
-    return run_dir(run) / "validation"
+    return run_dir(run["target_schema"], run["run_id"]) / "validation"
 
 
 def record_checks(conn: psycopg.Connection, run_id: str, checks: list[Check]) -> None:
@@ -424,8 +420,6 @@ def resynced(conn: psycopg.Connection, run: dict) -> bool:
         return True
     if not conn.execute("SELECT to_regclass('pbm_meta.resyncs') IS NOT NULL").fetchone()[0]:
         return False
-    from pbmigrate.sync import last_resync
-
     return last_resync(conn, run["run_id"]) is not None
 
 
@@ -434,8 +428,6 @@ def resync_checks(conn: psycopg.Connection, source: Source, plan: Plan, schema: 
     """After a re-sync: each table against the (re-sync's) snapshot, range by range
     (`sync.compare_collection`, the ledger's digests on both sides); returns the checks and the
     row count each table must hold (source rows less rejects)."""
-    from pbmigrate.sync import compare_collection
-
     checks, expected = [], {}
     for t in plan.tables:
         c = compare_collection(conn, source, t, schema, run_id=run_id)
@@ -504,8 +496,6 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
 
 def validate_run(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:
     """The DAG's validation task: every check of every table, recorded, with a summary for XCom."""
-    from pbmigrate.context import open_run_source, run_plan
-
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)

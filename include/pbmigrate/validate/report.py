@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,15 +25,8 @@ EXAMPLES = 5
 REASONS_SHOWN = 10  # reject reasons listed per collection; the rest are summed up in one line
 
 
-def run_dir(run: dict) -> Path:
-    """The run's folder under the work dir: the snapshot, validation results, backups, this report."""
-
-
-    return context.run_dir(run["target_schema"], run["run_id"])
-
-
 def report_paths(run: dict) -> dict[str, str]:
-    d = run_dir(run)
+    d = context.run_dir(run["target_schema"], run["run_id"])
     return {"markdown": str(d / "report.md"), "json": str(d / "report.json")}
 
 
@@ -132,7 +124,7 @@ def build(conn: psycopg.Connection, run: dict) -> dict[str, Any]:
         c["orphans"] = orphans.get(c["collection"], [])
         c["checks_failed"] = [{"check": k, "observed": v["observed"]} for k, v in mine.items() if not v["success"]]
         c["checks_passed"] = sum(1 for v in mine.values() if v["success"])
-    validation_file = run_dir(run) / "validation" / "summary.json"
+    validation_file = context.run_dir(run["target_schema"], run["run_id"]) / "validation" / "summary.json"
     validation = json.loads(validation_file.read_text()) if validation_file.is_file() else None
     backups = []
     if _table_exists(conn, "pbm_meta.backups"):
@@ -281,7 +273,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
 def write(conn: psycopg.Connection, run: dict) -> dict[str, Any]:
     """Build, write the Markdown and JSON files and pbm_meta.runs.report; returns the report."""
     rep = build(conn, run)
-    d = run_dir(run)
+    d = context.run_dir(run["target_schema"], run["run_id"])
     d.mkdir(parents=True, exist_ok=True)
     (d / "report.json").write_text(json.dumps(rep, indent=1, default=str))
     (d / "report.md").write_text(render_markdown(rep))

@@ -18,8 +18,9 @@ from pbmigrate import checksum
 from pbmigrate.load import pgcopy
 from pbmigrate.load.columnar import digest, pgbinary, vector
 from pbmigrate.load.columnar.read import Chunk, chunks, fields_read
+from pbmigrate.pgsql import qi
 from pbmigrate.plan.convert import Converter, Reject, multi
-from pbmigrate.plan.model import Junction, Table, pg_type, qi
+from pbmigrate.plan.model import Junction, Table, pg_type
 from pbmigrate.source import Source
 
 SPOOL_BYTES = 32 * 1024 * 1024  # junction rows past this wait on disk: memory stays bounded
