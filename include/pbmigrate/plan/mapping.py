@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pbmigrate.errors import MappingError
 from pbmigrate.source.catalog import Catalog, Collection
 
-MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "mappings"
+MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 # A type name, optionally with a modifier and array brackets: what a `types:` override may say.
 # Anything else (a quote, a semicolon, a DEFAULT clause) would reach the DDL as SQL.
 TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?(\[\])*$")
