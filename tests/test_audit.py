@@ -49,3 +49,16 @@ def test_a_database_made_by_an_earlier_version_comes_up_to_date(fresh_pg_url):
         assert "watermarks" in tables(conn) and conn.execute(
             "SELECT 1 FROM information_schema.columns WHERE table_schema = 'pbm_meta' "
             "AND table_name = 'watermarks' AND column_name = 'run_id'").fetchone()
+
+
+def test_a_batch_row_says_when_it_was_written_not_when_its_transaction_began(fresh_pg_url):
+    """The data phase's seconds run from the first batch's start to the last one's finish: a
+    batch's finished_at must be the time its row was written, after its COPY."""
+    with psycopg.connect(fresh_pg_url) as conn:
+        migrations.migrate(conn)
+        conn.execute("SELECT pg_sleep(0.2)")  # the COPY, in the batch's own transaction
+        conn.execute("INSERT INTO pbm_meta.batches (run_id, collection, target_table, lo, hi, rows_read, "
+                     "rows_loaded, rows_rejected, source_checksum, checksum, status) "
+                     "VALUES ('r', 'c', 't', 'a', 'z', 1, 1, 0, '0', '0', 'done')")
+        began, finished = conn.execute("SELECT now(), finished_at FROM pbm_meta.batches").fetchone()
+        assert (finished - began).total_seconds() >= 0.2

@@ -6,6 +6,10 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
+
+from pbmigrate import tasks
+from pbmigrate.errors import ParamError
 from pbmigrate.tasks import pack_ranges
 
 LABEL = re.compile(r"^(\w+) \[(\w+)\.\.(\w+)\]$")
@@ -45,3 +49,18 @@ def test_a_range_larger_than_the_share_stays_alone_and_small_collections_keep_th
               {"collection": "tags", "lo": "0", "hi": "9", "rows": 3}]
     units = pack_ranges(ranges, 4)
     assert [u["label"] for u in units] == ["users [a..m]", "users [n..z]", "tags [0..9]"]
+
+
+def test_more_load_tasks_than_airflow_can_map_fail_with_a_batch_size_that_fits(fixture_022, fresh_pg_url) -> None:
+    def planned(batch_size: int, run_id: str, most: int) -> list[dict]:
+        params = tasks.run_params(source_path=str(fixture_022), target_schema="mapped", mapping="",
+                                  batch_size=batch_size, collections=[], orphans="reject")
+        run = tasks.prepare(params=params, pg_url=fresh_pg_url, dag_run_id=run_id)
+        return tasks.plan_batches(run, max_batches=most, slots=8)
+
+    with pytest.raises(ParamError, match=r"exceed Airflow's max_map_length \(10\); raise batch_size to (\d+)") as exc:
+        planned(1, "small", 10)
+    fits = int(re.search(r"batch_size to (\d+)", str(exc.value)).group(1))
+    assert fits > 1 and len(planned(fits, "fits", 10)) <= 10
+    with pytest.raises(ParamError, match=r"max_map_length \(3\); 8 collections have rows and each needs a task"):
+        planned(fits, "few", 3)  # no batch_size helps

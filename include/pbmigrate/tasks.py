@@ -182,9 +182,25 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
     units = pack_ranges(ranges, (slots or load_slots()) * UNITS_PER_SLOT)
     if max_batches and len(units) > max_batches:
         raise ParamError(f"{len(units)} load tasks exceed Airflow's max_map_length ({max_batches}); "
-                         "raise batch_size")
+                         + batch_size_hint(ranges, max_batches))
     log.info("%d batches in %d load tasks: %s", len(ranges), len(units), [u["rows"] for u in units])
     return units
+
+
+def batch_size_hint(ranges: list[dict], max_tasks: int) -> str:
+    """What to change so that at most `max_tasks` load tasks remain: the smallest batch_size whose
+    ranges (a task holds one or more of them) number no more than that, if there is one."""
+    rows: dict[str, int] = {}
+    for r in ranges:
+        rows[r["collection"]] = rows.get(r["collection"], 0) + r["rows"]
+    if len(rows) > max_tasks:
+        return (f"{len(rows)} collections have rows and each needs a task of its own: raise max_map_length "
+                "or name fewer collections per run")
+    lo, hi = 1, max(max(rows.values(), default=1), 1)
+    while lo < hi:  # the fewest ranges a size gives: one per started batch_size of each collection
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if sum(-(-n // mid) for n in rows.values()) <= max_tasks else (mid + 1, hi)
+    return f"raise batch_size to {lo} or more"
 
 
 def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:

@@ -162,6 +162,11 @@ CREATE TABLE IF NOT EXISTS pbm_meta.files (
     PRIMARY KEY (run_id, collection, record_id, field, name)
 );
 """),
+    # now() is the transaction's start: a batch's row said it finished when its COPY began, and the
+    # data phase's seconds (first start to last finish) came out short by the last batch's time
+    ("0005_batches_finished_at_clock_time", """
+ALTER TABLE pbm_meta.batches ALTER COLUMN finished_at SET DEFAULT clock_timestamp();
+"""),
 ]
 
 _LEDGER = """
