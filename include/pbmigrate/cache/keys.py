@@ -35,7 +35,7 @@ from psycopg import sql
 
 from pbmigrate.cache.client import RedisClient
 from pbmigrate.errors import MappingError, PbmError
-from pbmigrate.plan.mapping import secret_reason
+from pbmigrate.plan.mapping import closest, secret_reason
 
 SESSION_TTL = 24 * 3600
 PROFILE_TTL = 3600
@@ -208,16 +208,23 @@ def table_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str
     return dict(rows)
 
 
-def check_columns(
-    conn: psycopg.Connection, schema: str, table: str, columns: Iterable[str], where: str
-) -> dict[str, str]:
-    """Fail with the mapping key and the missing column, not with a SQL error mid-warm-up."""
+def check_columns(conn: psycopg.Connection, schema: str, table: str, columns: Iterable[str | tuple[str, str]],
+                  where: str) -> dict[str, str]:
+    """The columns a cache section reads, checked before anything is read: a missing table or
+    column fails with the mapping key and a did-you-mean, not with a SQL error mid-warm-up.
+    `columns` are names, or (mapping key, name) pairs so that the message names the key.
+    Returns the table's column types (see `table_columns`)."""
     have = table_columns(conn, schema, table)
     if not have:
-        raise MappingError(f"{where}: table {schema}.{table} does not exist")
-    for col in columns:
-        if col not in have:
-            raise MappingError(f"{where}: column {col!r} is not in {schema}.{table}")
+        tables = [name for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm')", (schema,))]
+        raise MappingError(f"{where}.table: the migration makes no table or view {table!r}" + closest(table, tables))
+    for item in columns:
+        key, column = item if isinstance(item, tuple) else ("", item)
+        if column not in have:
+            raise MappingError(f"{where}{'.' + key if key else ''}: {table!r} has no column {column!r}"
+                               + closest(column, have))
     return have
 
 

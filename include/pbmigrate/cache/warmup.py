@@ -60,10 +60,9 @@ from pbmigrate.cache.keys import (
     leaderboard_key,
     leaderboard_query,
     profile_query,
-    table_columns,
 )
 from pbmigrate.errors import MappingError, ParamError, TargetError
-from pbmigrate.plan.mapping import closest, load_mapping
+from pbmigrate.plan.mapping import load_mapping
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -168,21 +167,12 @@ def check_config(conn: psycopg.Connection, schema: str, cfg: CacheConfig, mappin
     """Every table, column and `where` the cache section names, checked against `schema` (the
     first task passes a scratch copy of the planned tables and views): a typo fails the run before
     anything loads, not in the warm-up after the load."""
-    tables = [name for (name,) in conn.execute(
-        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind IN ('r', 'v')", (schema,))]
     for section in SECTIONS:
         spec = getattr(cfg, section)
         if spec is None:
             continue
         where = f"mapping {mapping_source}: cache.{section}"
-        have = table_columns(conn, schema, spec.table)
-        if not have:
-            raise MappingError(f"{where}.table: the migration makes no table or view {spec.table!r}"
-                               + closest(spec.table, tables))
-        for key, column in _section_columns(section, spec):
-            if column not in have:
-                raise MappingError(f"{where}.{key}: {spec.table!r} has no column {column!r}" + closest(column, have))
+        check_columns(conn, schema, spec.table, _section_columns(section, spec), where)
         if spec.where:
             try:
                 with conn.transaction():
@@ -415,7 +405,7 @@ def warm_profiles(
         return WarmResult("profiles", PATTERN["profiles"], configured=False)
 
     def body(conn: psycopg.Connection) -> WarmResult:
-        types = check_columns(conn, schema, spec.table, (spec.id, *spec.fields), "cache.profiles")
+        types = check_columns(conn, schema, spec.table, _section_columns("profiles", spec), "cache.profiles")
         result = WarmResult("profiles", PATTERN["profiles"])
         sha = _sha(_PUT_PROFILES)
         fields = spec.fields
@@ -470,7 +460,7 @@ def warm_leaderboards(
         return WarmResult("leaderboards", PATTERN["leaderboards"], configured=False)
 
     def body(conn: psycopg.Connection) -> WarmResult:
-        check_columns(conn, schema, spec.table, (spec.season, spec.member, spec.score), "cache.leaderboards")
+        check_columns(conn, schema, spec.table, _section_columns("leaderboards", spec), "cache.leaderboards")
         result = WarmResult("leaderboards", PATTERN["leaderboards"])
         swap = _sha(SWAP_LEADERBOARD)
         season: str | None = None
@@ -520,7 +510,7 @@ def warm_game_states(
         return WarmResult("game_state", PATTERN["game_state"], configured=False)
 
     def body(conn: psycopg.Connection) -> WarmResult:
-        check_columns(conn, schema, spec.table, (spec.id, spec.state), "cache.game_state")
+        check_columns(conn, schema, spec.table, _section_columns("game_state", spec), "cache.game_state")
         result = WarmResult("game_state", PATTERN["game_state"])
         expiry = ("EX", str(spec.ttl)) if spec.ttl else ()
         with _Writer(client, retries=cfg.retries, backoff=cfg.retry_backoff) as writer:
