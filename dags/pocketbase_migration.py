@@ -2,8 +2,9 @@
 ### PocketBase -> PostgreSQL + Redis: full migration
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
-snapshot of the source, the pre-migration assessment), **schema** (typed tables in the staging
-schema), **data** (one mapped task per id range, then keys, indexes and foreign keys), **files**
+snapshot of the source, then the pre-migration assessment beside the load: it only reads the
+snapshot), **schema** (typed tables in the staging schema), **data** (batches planned beside the
+schema, one mapped task per id range, then keys, indexes and foreign keys), **files**
 (the uploads behind every file field, one mapped task per id range, into the `pbm_files` store), **cache**
 (warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
 **validate** (one GX checkpoint per table, per-batch checksums, then the gate), and the branch:
@@ -87,7 +88,7 @@ def pocketbase_migration():
 
         snap = snapshot()
         mode >> snap  # mode=final skips the fresh snapshot and load
-        return assess(snap)
+        return snap, assess(snap)  # the assessment only reads the snapshot: the load need not wait for it
 
     @task_group(group_id="schema")
     def schema(run: dict):
@@ -124,9 +125,9 @@ def pocketbase_migration():
 
             return tasks.finalize_run(run, postgres_url(), api=pocketbase_api())
 
-        batches = plan_batches(run)
-        tables >> batches
+        batches = plan_batches(run)  # reads the source only: beside create_tables
         loaded = load.partial(run=run).expand(batch=batches)
+        tables >> loaded
         done = finalize(run)
         loaded >> done
         return done
@@ -192,7 +193,7 @@ def pocketbase_migration():
         It pulls from the branch that ran only: pulling the skipped one's XCom would log an
         error-level "XCom not found" for a skip that is by design."""
         ctx = get_current_context()
-        ran = "final_sync" if ctx["params"]["mode"] == "final" else "prepare.assess"
+        ran = "final_sync" if ctx["params"]["mode"] == "final" else "prepare.snapshot"
         return ctx["ti"].xcom_pull(task_ids=ran)
 
     @task_group(group_id="validate")
@@ -254,13 +255,13 @@ def pocketbase_migration():
         tasks.roll_back(run, postgres_url(), redis_url(), verdict)
 
     mode = choose_mode()
-    run = prepare(mode)
+    run, assessed = prepare(mode)
     done = data(run, schema(run))
     copied = files(run, done)
     final = final_sync()
     mode >> final
     loaded = loaded_run()
-    [done, copied, final] >> loaded
+    [assessed, done, copied, final] >> loaded
     verdict = validate(loaded)
     choice = decide(verdict)
     choice >> cache(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]

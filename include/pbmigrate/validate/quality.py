@@ -446,10 +446,11 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
              out_dir: Path, source: Source | None = None, files: dict | None = None) -> dict:
     """Checksums, source coverage and GX checkpoints for every table of `plan` in the staging schema.
 
-    The checksums run in a thread beside GX: both mostly wait for PostgreSQL, and GX's import
-    and bookkeeping are Python work the checksum queries do not need, so side by side the two
-    take little more than the longer one. With `source` (after a re-sync) the tables are compared
-    with it first instead, in this thread (a SQLite connection stays in its thread).
+    The checksums and the file checks (every object re-read) run in threads beside GX: they
+    mostly wait for PostgreSQL and the store, and GX's import and bookkeeping are Python work they
+    do not need, so side by side the three take little more than the longest. With `source` (after
+    a re-sync) the tables are compared with it first instead, in this thread (a SQLite connection
+    stays in its thread).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -462,18 +463,18 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
     else:
         expected = {c: v["expected"] for c, v in ledger_counts(conn, run_id).items()}
     specs = {t.name: table_specs(t, schema, expected.get(t.collection.name, 0)) for t in plan.tables}
-    with ThreadPoolExecutor(1, thread_name_prefix="pbm-checksums") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="pbm-checks") as pool:
         if source is None:
             ledger_future = pool.submit(_timed, ledger_checks, pg_url, schema, plan, run_id, source_counts)
+        files_future = pool.submit(_timed, _file_checks, pg_url, plan, run, files)
         gx_started = time.monotonic()
         gx_checks, full, index, timings = run_checkpoints(pg_url, schema, specs, run_id, out_dir / "data_docs")
         gx_seconds = time.monotonic() - gx_started
         if source is None:
             sums_seconds, checks = ledger_future.result()
+        files_seconds, objects = files_future.result()
     checks.extend(gx_checks)
-    files_started = time.monotonic()
-    checks.extend(file_checks(conn, plan, run, files))  # every object re-read: size, sha256, md5
-    files_seconds = time.monotonic() - files_started
+    checks.extend(objects)
     record_checks(conn, run_id, checks)
     seconds = {"checksums": sums_seconds, "gx": gx_seconds, "gx_import": timings["gx_import"],
                "data_docs": timings["data_docs"], "files": files_seconds, "total": time.monotonic() - started}
@@ -486,6 +487,12 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
         indent=1, default=str))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _file_checks(pg_url: str, plan: Plan, run: dict, files: dict | None) -> list[Check]:
+    """Every object of the file store re-read (size, sha256, md5), on a connection of its own."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        return file_checks(conn, plan, run, files)
 
 
 def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
