@@ -23,7 +23,7 @@ RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pbmi
 COPY --chown=airflow:0 pyproject.toml /opt/pbmigrate/pyproject.toml
 COPY --chown=airflow:0 include /opt/pbmigrate/include
 RUN pip install --no-cache-dir --no-deps /opt/pbmigrate \
-    && python -c "import pbmigrate, pbmigrate.metrics" \
+    && python -c "import pbmigrate.tasks, pbmigrate.audit.metrics" \
     && pocketbase --version
 
 # dags/, plugins/ and include/ as the compose file mounts them, so the image also runs without the
