@@ -55,7 +55,7 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
     `readonly_shm=1`. Plain mode=ro still opens the -shm read-write, and a reader that finds no
     lock on it (PocketBase <= 0.39 drops its locks after making a backup) truncates it as "the
     first connection": the server then dies of SIGBUS on its next write (reproduced with
-    0.23.12, tests/test_snapshot.py). With readonly_shm SQLite reads the WAL without ever
+    0.23.12, tests/source/test_snapshot.py). With readonly_shm SQLite reads the WAL without ever
     writing the -shm.
 
     `query_only` adds a second guard for readers; the snapshot turns it off because SQLite

@@ -27,7 +27,7 @@ from pbmigrate.audit import meta
 from pbmigrate.cutover import promote
 from pbmigrate.validate import quality, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUPERUSER = ("root@example.com", "root-pass-12345")
 PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"

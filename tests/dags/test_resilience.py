@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.compare import assert_migrated
-from tests.test_migration_dag import _plan
+from tests.dags.test_migration_dag import _plan
 
 ATTACH = """
 CREATE FUNCTION pbm_test_attach() RETURNS event_trigger LANGUAGE plpgsql AS $$

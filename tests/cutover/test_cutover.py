@@ -17,7 +17,7 @@ import redis
 
 from pbmigrate.cutover import promote
 from pbmigrate.validate import quality
-from tests.test_quality import BAD_RECORD, migrate, plant_bad_record
+from tests.validate.test_quality import BAD_RECORD, migrate, plant_bad_record
 
 
 @pytest.fixture(autouse=True)

@@ -387,7 +387,7 @@ def test_resync_dag_runs_the_engine_on_its_schedule(env: Env, tmp_path: Path) ->
     import sys
 
     env.update("posts", env.posts[1], {"title": "through Airflow"})
-    script = DAG_RUN.format(scripts=str(Path(__file__).resolve().parents[1] / "scripts"), home=str(tmp_path / "af"),
+    script = DAG_RUN.format(scripts=str(Path(__file__).resolve().parents[2] / "scripts"), home=str(tmp_path / "af"),
                             pg_url=env.pg_url, work=str(tmp_path / "work"),
                             conf={"source_path": str(env.pb_data), "target_schema": env.target, "mapping": ""})
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,

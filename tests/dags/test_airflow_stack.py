@@ -10,7 +10,7 @@ from pathlib import Path
 
 from airflow_stack import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(home: Path, port: int, **env: str) -> subprocess.CompletedProcess:

@@ -37,7 +37,7 @@ from dotenv import dotenv_values
 
 from pbmigrate.audit import metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yaml"
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 ENV_EXAMPLE = ROOT / ".env.example"
