@@ -242,12 +242,13 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
 _KILLED_COPY = """
 import json, sys, time
 from pbmigrate import files
+from pbmigrate.files import copy as files_copy
 orig = files.LocalStorage.open
 def slow(self, *a):
     time.sleep(0.15)
     return orig(self, *a)
 files.LocalStorage.open = slow
-files.LEDGER_ROWS = 7
+files_copy.LEDGER_ROWS = 7  # read by copy_refs where it lives
 run, batch, pg_url, store = json.loads(sys.argv[1])
 files.copy_batch(run, batch, pg_url, store)
 """
