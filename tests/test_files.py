@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from pbmigrate import cutover, files, pipeline, quality, report, sync
 from pbmigrate.pbserver import PocketBaseServer, check
+from tests.conftest import moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERUSER = ("root@example.com", "root-pass-12345")
@@ -336,36 +336,11 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
         and p.name != "_collections.json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(tmp_path) -> str:
     """moto's standalone S3 server on a free loopback port, stopped by its pid."""
-    port = _free_port()
-    log = (tmp_path / "moto.log").open("wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with moto_server(tmp_path / "moto.log") as url:
+        yield url
 
 
 def test_s3_store_keeps_bytes_content_type_and_original_name(built, pb_data, fresh_pg_url, s3_server):

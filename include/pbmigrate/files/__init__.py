@@ -3,7 +3,9 @@
 A `file` field holds only names; the bytes live in `pb_data/storage/<collectionId>/<recordId>/<name>`
 beside a `<name>.attrs` JSON sidecar (content type, original name, md5 in base64), or behind
 `GET /api/files/<collection>/<record>/<name>` (protected files need `?token=` from
-`POST /api/files/token`). Without them every avatar and upload is lost when PocketBase retires.
+`POST /api/files/token`), or, when PocketBase's own settings enable S3 storage, in that bucket
+under `<collectionId>/<recordId>/<name>` (read from the snapshot's `_params`). Without them every
+avatar and upload is lost when PocketBase retires.
 
 The store (connection `pbm_files`, env `PBM_FILES_URL`, default `file://<PBM_WORK_DIR>/files/<target>`)
 is a directory or an S3 bucket, both through fsspec. Keys are `<collection name>/<record id>/<name>`
@@ -49,10 +51,12 @@ from pbmigrate.files.ledger import (
 )
 from pbmigrate.files.refs import Ref, file_columns, file_tables, target_refs
 from pbmigrate.files.resync import delete_objects, resync_files
+from pbmigrate.files.settings import S3Settings, read_settings, s3_settings
 from pbmigrate.files.source import (
     ApiStorage,
     LocalStorage,
     MissingFile,
+    S3Storage,
     Storage,
     open_storage,
     storage_dir,
@@ -62,9 +66,11 @@ from pbmigrate.files.store import ATTRS, CHUNK, S3_PART, FileStore, ObjectInfo, 
 
 __all__ = [
     "ATTRS", "CHUNK", "EXAMPLES", "FILES_DDL", "LEDGER_ROWS", "S3_PART", "STAGE", "WORKERS", "ApiStorage",
-    "CopyResult", "FileStore", "LocalStorage", "MissingFile", "ObjectInfo", "Outcome", "Ref", "Storage",
+    "CopyResult", "FileStore", "LocalStorage", "MissingFile", "ObjectInfo", "Outcome", "Ref", "S3Settings",
+    "S3Storage", "Storage",
     "check_table_files", "copy_batch", "copy_one", "copy_range", "copy_refs", "delete_objects", "ensure_files_meta",
     "file_checks", "file_columns", "file_tables", "files_report", "has_ledger", "manifest", "open_storage",
-    "open_store", "plan_file_batches", "read_ledger", "record_outcomes", "resync_files", "safe_store_url",
+    "open_store", "plan_file_batches", "read_ledger", "read_settings", "record_outcomes", "resync_files", "s3_settings",
+    "safe_store_url",
     "storage_dir", "store_config", "target_refs", "unsafe_name",
 ]

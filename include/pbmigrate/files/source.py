@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 from pbmigrate.catalog import Collection
 from pbmigrate.errors import SourceError
-from pbmigrate.files.store import ATTRS
+from pbmigrate.files.settings import S3Settings, read_settings, s3_settings
+from pbmigrate.files.store import ATTRS, S3_PART
 
 
 class MissingFile(Exception):
@@ -127,10 +130,70 @@ def storage_dir(run: dict) -> Path:
     return Path(run["params"]["source_path"]).parent / "storage"
 
 
-Storage = LocalStorage | ApiStorage
+class S3Storage:
+    """The bucket PocketBase's own `s3` settings name (its files are then nowhere else: PocketBase
+    reads only the bucket once S3 is enabled), keys `<collectionId>/<recordId>/<name>` at the
+    bucket's root. Content type and original name come from the object (ContentType, metadata
+    `original-filename`, percent-encoded as PocketBase writes it); the md5 from the ETag where it
+    is one (a single-part upload: PocketBase's are), so the copy is proven against the bucket's own
+    checksum as the `.attrs` md5 proves a local one. The credentials stay inside the s3fs client."""
+
+    def __init__(self, cfg: S3Settings):
+        import s3fs
+
+        self.cfg = cfg
+        # a private client: the secret is in no cache another store could hand out
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, **cfg.fs_options())
+
+    def describe(self) -> str:
+        return self.cfg.describe()
+
+    def _key(self, coll: Collection, record_id: str, name: str) -> str:
+        return f"{coll.id}/{record_id}/{name}"
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.fs.call_s3("head_object", Bucket=self.cfg.bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # access denied, no such bucket, endpoint down: the task fails, retryable
+            raise SourceError(f"PocketBase's S3 storage {self.describe()}: cannot read {key}: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+    def fingerprint(self, coll: Collection, record_id: str, name: str) -> tuple[int, str | None] | None:
+        head = self._head(self._key(coll, record_id, name))
+        return None if head is None else (int(head["ContentLength"]), etag_md5(head.get("ETag")))
+
+    def open(self, coll: Collection, record_id: str, name: str) -> tuple[BinaryIO, dict[str, Any]]:
+        key = self._key(coll, record_id, name)
+        head = self._head(key)
+        if head is None:
+            raise MissingFile(f"missing file: {name} is not in PocketBase's S3 bucket {self.cfg.bucket} "
+                              f"({coll.id}/{record_id}/)")
+        meta = head.get("Metadata") or {}
+        original = meta.get("original-filename")
+        fh = self.fs.open(f"{self.cfg.bucket}/{key}", "rb", block_size=S3_PART, size=int(head["ContentLength"]))
+        return fh, {"content_type": (head.get("ContentType") or "").split(";")[0].strip() or None,
+                    "original_name": unquote(original) if original else None, "md5": etag_md5(head.get("ETag"))}
+
+
+def etag_md5(etag: str | None) -> str | None:
+    """The md5 (base64, as `.attrs` holds it) an ETag is, or None (multipart: `<hex>-<parts>`)."""
+    value = (etag or "").strip('"')
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
+        return None
+    return base64.b64encode(bytes.fromhex(value)).decode()
+
+
+Storage = LocalStorage | ApiStorage | S3Storage
 
 
 def open_storage(run: dict, source: Any) -> Storage:
-    if run["source_kind"] == "sqlite":
-        return LocalStorage(storage_dir(run))
-    return ApiStorage(source)
+    """Where this run's source keeps its files: the API in API mode; in SQLite mode the bucket
+    PocketBase's settings enable, else the storage folder beside data.db."""
+    if run["source_kind"] != "sqlite":
+        return ApiStorage(source)
+    s3 = s3_settings(read_settings(source.query))
+    if s3 is not None:
+        return S3Storage(s3)
+    return LocalStorage(storage_dir(run))
