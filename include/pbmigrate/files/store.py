@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pbmigrate.errors import ParamError
+from pbmigrate.files.localcopy import copy_regular, regular_fd
 
 CHUNK = 1 << 20  # bytes per read: memory per copy stays at one chunk whatever the file's size
 S3_PART = 5 * 1024 * 1024  # s3fs buffers one part (the S3 minimum) per upload, not its default 50 MB
@@ -124,28 +125,36 @@ class FileStore:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(attrs)  # a re-copy: the old commit mark goes first
-        sha = hashlib.sha256()
-        size = 0
-        buf = self._buffer()
-        readinto = getattr(src, "readinto", None)
+        src_fd = regular_fd(src)
         with out:
-            if readinto is not None:
-                while n := readinto(buf):
-                    view = buf[:n]
-                    sha.update(view)
-                    out.write(view)
-                    size += n
-            else:
-                while chunk := src.read(CHUNK):
-                    sha.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
+            if src_fd is not None:  # a local file: copied in the kernel, hashed from the page cache
+                size, digest = copy_regular(src_fd, out.fileno())
+            else:  # a download: one chunk at a time through a buffer of this thread's
+                size, digest = self._stream(src, out)
         meta = {"user.content_type": content_type or "application/octet-stream",
                 "user.metadata": {"original-filename": original_name} if original_name else None,
-                "md5": md5, "sha256": sha.hexdigest(), "size": size}
+                "md5": md5, "sha256": digest, "size": size}
         with open(attrs, "w") as fh:
             fh.write(json.dumps(meta, ensure_ascii=False))
-        return size, meta["sha256"]
+        return size, digest
+
+    def _stream(self, src: BinaryIO, out: BinaryIO) -> tuple[int, str]:
+        sha = hashlib.sha256()
+        size = 0
+        readinto = getattr(src, "readinto", None)
+        if readinto is not None:
+            buf = self._buffer()
+            while n := readinto(buf):
+                view = buf[:n]
+                sha.update(view)
+                out.write(view)
+                size += n
+        else:
+            while chunk := src.read(CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        return size, sha.hexdigest()
 
     def delete(self, key: str) -> None:
         if self.local:
