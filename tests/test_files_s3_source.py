@@ -8,6 +8,7 @@ the ledger, the rejects, the tasks' return values (XCom) or the logs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -185,3 +186,53 @@ def test_encrypted_settings_without_the_key_or_with_another_fail_in_one_line(bui
     monkeypatch.setenv(KEY_VAR, ENC_KEY)
     assert pb_settings.encryption_key() == ENC_KEY
     assert sum(r["copied"] for r in _copy(run, fresh_pg_url, _store(tmp_path))) == 10
+
+
+def test_the_migration_dag_moves_the_bucket_and_the_secret_stays_out_of_airflow_redis_and_reports(
+        built, pb_data, fresh_pg_url, redis_url, run_dag, tmp_path, caplog, capfd):
+    if built["version"] != "0.40.6" or built["encrypted"]:
+        pytest.skip("one DAG run is enough")
+    caplog.set_level(logging.DEBUG)
+    conf = {"source_path": str(pb_data), "mapping": "", "target_schema": "s3dag", "batch_size": 4,
+            "max_reject_ratio": 0, "cutover": "auto"}  # auto: backups, report, cache warm-up into Redis
+    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url, redis_url=redis_url)
+    assert dr.state == "success"
+    with psycopg.connect(fresh_pg_url) as conn:
+        stored = conn.execute("SELECT count(*) FILTER (WHERE status = 'done'), count(md5) FROM pbm_meta.files"
+                              ).fetchone()
+        checked = conn.execute("SELECT bool_and(success), sum((observed->>'verified')::int) FROM pbm_meta.checks "
+                               "WHERE check_name = 'files'").fetchone()
+    assert stored == (10, 10) and checked == (True, 10)
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(count=1000))
+        assert keys  # the cut-over wrote to Redis: what is searched is not empty
+        values = b"".join(client.dump(k) or b"" for k in keys)
+    finally:
+        client.close()
+    assert SECRET.encode() not in values and not any(SECRET.encode() in k for k in keys)
+    from tests.conftest import AIRFLOW_HOME
+
+    # Airflow's metadata DB (XCom, task instances) and its task logs; our work dir (reports,
+    # backups), except the snapshot and its backup: copies of data.db, settings and all, as
+    # PocketBase keeps them
+    seen = []
+    for root in (AIRFLOW_HOME, tmp_path / "work"):
+        for p in root.rglob("*"):
+            if not p.is_file() or (root != AIRFLOW_HOME and p.read_bytes().startswith(b"SQLite format 3")):
+                continue
+            seen.append(p.name)
+            assert SECRET.encode() not in p.read_bytes(), p
+    assert "airflow.db" in seen and any(n.endswith(".md") for n in seen)  # XCom and the run's report were read
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(AIRFLOW_HOME / "airflow.db")) as adb:
+        xcom = adb.execute("SELECT task_id, CAST(value AS TEXT) FROM xcom WHERE dag_id = 'pocketbase_migration'"
+                           ).fetchall()
+    assert any("bytes_copied" in (v or "") for _, v in xcom)  # the files tasks' XCom was searched
+    assert not any(SECRET in (v or "") for _, v in xcom)
+    assert SECRET not in _pbm_meta_dump(fresh_pg_url)
+    out, err = capfd.readouterr()
+    assert SECRET not in caplog.text + out + err
