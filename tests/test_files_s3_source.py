@@ -236,3 +236,35 @@ def test_the_migration_dag_moves_the_bucket_and_the_secret_stays_out_of_airflow_
     assert SECRET not in _pbm_meta_dump(fresh_pg_url)
     out, err = capfd.readouterr()
     assert SECRET not in caplog.text + out + err
+
+
+def test_resync_follows_a_file_replaced_in_pocketbases_bucket_through_the_api(built, pb_data, fresh_pg_url,
+                                                                             tmp_path, monkeypatch):
+    if built["version"] != "0.40.6" or built["encrypted"]:
+        pytest.skip("one version is enough for the re-sync")
+    from pbmigrate import sync
+    from pbmigrate.pbserver import check
+
+    store = _store(tmp_path)
+    monkeypatch.setenv("PBM_FILES_URL", store["url"])  # the re-sync finds the store as the DAG gives it
+    root = tmp_path / "store"
+    run = _load(pb_data, fresh_pg_url, "s3r")
+    _copy(run, fresh_pg_url, None)
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE pbm_meta.runs SET status = 'validated' WHERE run_id = %s", (run["run_id"],))
+    new_bytes = b"replaced in the bucket \xc3\xbc\n"
+    with PocketBaseServer(pb_data, version=built["version"]) as pb:  # the last test of its bucket: it may write
+        pb.session(*SUPERUSER)
+        (rec,) = pb.list_all("uploads", filter="title='bulk 0'")
+        check(pb.admin.patch(f"/api/collections/uploads/records/{rec['id']}",
+                             files=[("gallery", ("new ü.txt", new_bytes, "text/plain"))]))
+        (new,) = pb.list_all("uploads", filter="title='bulk 0'")[0]["gallery"]
+    (old,) = rec["gallery"]
+    summary = sync.run_resync(source_path=str(pb_data), target_schema="s3r", mapping="", collections=["uploads"],
+                              pg_url=fresh_pg_url, resync_id="s3-resync", overlap_seconds=3600)
+    assert summary["totals"]["updated"] == 1
+    assert (root / f"uploads/{rec['id']}/{new}").read_bytes() == new_bytes  # read from the bucket
+    assert not (root / f"uploads/{rec['id']}/{old}").exists()
+    ok = _file_check(run, fresh_pg_url, None)
+    assert ok.success and ok.observed["verified"] == 10 and ok.observed["md5_checked"] == 10
+    assert SECRET not in _pbm_meta_dump(fresh_pg_url)
