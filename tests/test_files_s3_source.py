@@ -25,7 +25,7 @@ from pbmigrate.errors import ParamError
 from pbmigrate.files import settings as pb_settings
 from pbmigrate.pbserver import PocketBaseServer
 from tests.conftest import moto_server
-from tests.test_files import PNG, SUPERUSER, _copy, _file_check, _load, _names, _store
+from tests.test_files import PNG, SUPERUSER, copy_all, dir_store, file_check, load_run, names_of
 
 ACCESS_KEY = "pbm-source-access"
 SECRET = f"pbm-S3-secret-{uuid.uuid4().hex}"  # searched for wherever the pipeline writes
@@ -112,12 +112,12 @@ def test_files_in_pocketbases_own_s3_bucket_are_copied_and_proven(built, pb_data
     if built["encrypted"]:
         raw = (pb_data / "data.db").read_bytes()
         assert SECRET.encode() not in raw and b'"s3"' not in raw  # the settings really are ciphertext
-    store = _store(tmp_path)
-    run = _load(pb_data, fresh_pg_url, "s3s")
-    results = _copy(run, fresh_pg_url, store)
+    store = dir_store(tmp_path)
+    run = load_run(pb_data, fresh_pg_url, "s3s")
+    results = copy_all(run, fresh_pg_url, store)
     assert sum(r["copied"] for r in results) == 4 + 6 and sum(r["missing"] for r in results) == 0
     root = tmp_path / "store"
-    rec = _names(fresh_pg_url, "s3s_staging", "full")
+    rec = names_of(fresh_pg_url, "s3s_staging", "full")
     got = {}
     for name in [rec["avatar"], *rec["gallery"], rec["contract"]]:
         attrs = json.loads((root / f"uploads/{rec['id']}/{name}.attrs").read_text())
@@ -129,10 +129,10 @@ def test_files_in_pocketbases_own_s3_bucket_are_copied_and_proven(built, pb_data
         assert got[original][2] == base64.b64encode(hashlib.md5(data).digest()).decode()  # the bucket's ETag md5
     with psycopg.connect(fresh_pg_url) as conn:  # read from a stream: hashed while copied
         assert conn.execute("SELECT count(sha256) FROM pbm_meta.files").fetchone() == (10,)
-    check_ = _file_check(run, fresh_pg_url, store)
+    check_ = file_check(run, fresh_pg_url, store)
     assert check_.success and check_.observed["verified"] == 10 and check_.observed["md5_checked"] == 10
     # a retry reads nothing again
-    assert sum(r["copied"] for r in _copy(run, fresh_pg_url, store)) == 0
+    assert sum(r["copied"] for r in copy_all(run, fresh_pg_url, store)) == 0
     # the secret reached none of: the ledger and every other pbm_meta table (rejects included),
     # the tasks' return values and the run (XCom), the logs
     assert SECRET not in _pbm_meta_dump(fresh_pg_url)
@@ -145,15 +145,15 @@ def test_an_object_deleted_from_the_bucket_behind_pocketbases_back_is_a_reject(b
                                                                                tmp_path):
     if built["version"] != "0.40.6" or built["encrypted"]:
         pytest.skip("one version is enough for the reject path")
-    store = _store(tmp_path)
-    run = _load(pb_data, fresh_pg_url, "s3m")
-    rec = _names(fresh_pg_url, "s3m_staging", "full")
+    store = dir_store(tmp_path)
+    run = load_run(pb_data, fresh_pg_url, "s3m")
+    rec = names_of(fresh_pg_url, "s3m_staging", "full")
     client = _client(s3)
     key = f"{built['collection_id']}/{rec['id']}/{rec['avatar']}"
     saved = client.get_object(Bucket=built["bucket"], Key=key)["Body"].read()
     client.delete_object(Bucket=built["bucket"], Key=key)
     try:
-        results = _copy(run, fresh_pg_url, store)
+        results = copy_all(run, fresh_pg_url, store)
     finally:
         client.put_object(Bucket=built["bucket"], Key=key, Body=saved)  # the module's other tests use the bucket
     assert sum(r["missing"] for r in results) == 1 and sum(r["copied"] for r in results) == 9
@@ -169,13 +169,13 @@ def test_encrypted_settings_without_the_key_or_with_another_fail_in_one_line(bui
                                                                             tmp_path, monkeypatch):
     if not built["encrypted"]:
         pytest.skip("only encrypted settings need the key")
-    run = _load(pb_data, fresh_pg_url, "s3k")  # the rows need no key: only the files do
+    run = load_run(pb_data, fresh_pg_url, "s3k")  # the rows need no key: only the files do
     monkeypatch.delenv("PB_ENCRYPTION_KEY")
     with pytest.raises(ParamError) as no_key:
-        _copy(run, fresh_pg_url, _store(tmp_path))
+        copy_all(run, fresh_pg_url, dir_store(tmp_path))
     monkeypatch.setenv("PB_ENCRYPTION_KEY", uuid.uuid4().hex)
     with pytest.raises(ParamError) as wrong_key:
-        _copy(run, fresh_pg_url, _store(tmp_path))
+        copy_all(run, fresh_pg_url, dir_store(tmp_path))
     for exc in (no_key, wrong_key):
         assert "\n" not in str(exc.value) and SECRET not in str(exc.value) and ENC_KEY not in str(exc.value)
         assert "--encryptionEnv" in str(exc.value)
@@ -185,7 +185,7 @@ def test_encrypted_settings_without_the_key_or_with_another_fail_in_one_line(bui
     monkeypatch.setenv("PBM_PB_ENCRYPTION_ENV", KEY_VAR)
     monkeypatch.setenv(KEY_VAR, ENC_KEY)
     assert pb_settings.encryption_key() == ENC_KEY
-    assert sum(r["copied"] for r in _copy(run, fresh_pg_url, _store(tmp_path))) == 10
+    assert sum(r["copied"] for r in copy_all(run, fresh_pg_url, dir_store(tmp_path))) == 10
 
 
 def test_the_migration_dag_moves_the_bucket_and_the_secret_stays_out_of_airflow_redis_and_reports(
@@ -245,11 +245,11 @@ def test_resync_follows_a_file_replaced_in_pocketbases_bucket_through_the_api(bu
     from pbmigrate import sync
     from pbmigrate.pbserver import check
 
-    store = _store(tmp_path)
+    store = dir_store(tmp_path)
     monkeypatch.setenv("PBM_FILES_URL", store["url"])  # the re-sync finds the store as the DAG gives it
     root = tmp_path / "store"
-    run = _load(pb_data, fresh_pg_url, "s3r")
-    _copy(run, fresh_pg_url, None)
+    run = load_run(pb_data, fresh_pg_url, "s3r")
+    copy_all(run, fresh_pg_url, None)
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute("UPDATE pbm_meta.runs SET status = 'validated' WHERE run_id = %s", (run["run_id"],))
     new_bytes = b"replaced in the bucket \xc3\xbc\n"
@@ -265,6 +265,6 @@ def test_resync_follows_a_file_replaced_in_pocketbases_bucket_through_the_api(bu
     assert summary["totals"]["updated"] == 1
     assert (root / f"uploads/{rec['id']}/{new}").read_bytes() == new_bytes  # read from the bucket
     assert not (root / f"uploads/{rec['id']}/{old}").exists()
-    ok = _file_check(run, fresh_pg_url, None)
+    ok = file_check(run, fresh_pg_url, None)
     assert ok.success and ok.observed["verified"] == 10 and ok.observed["md5_checked"] == 10
     assert SECRET not in _pbm_meta_dump(fresh_pg_url)
