@@ -158,6 +158,7 @@ def measure(case: str, files_n: int, size_lo: int, size_hi: int, work: Path, pg_
             dest, store_dir = work / case / f"cp_{i}", work / case / f"store_{i}"
             order = ("cp", "files") if i % 2 == 0 else ("files", "cp")  # neither always runs first
             for what in order:
+                os.sync()  # neither pays for writing back the other's 1 GB: each starts with no dirty pages
                 if cache == "cold":
                     evict(src)
                 if what == "cp":
@@ -210,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(f'CREATE DATABASE "{db}"')
     pg_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + db
     try:
-        figures = {
-            "small": measure("small", args.small, 4096, 16384, work, pg_url, args.rounds, args.batch_size),
-            "large": measure("large", args.large, 5 * 1024 * 1024, 5 * 1024 * 1024, work, pg_url, args.rounds,
-                             args.batch_size),
-        }
+        figures = {}  # a count of 0 skips its case
+        if args.small:
+            figures["small"] = measure("small", args.small, 4096, 16384, work, pg_url, args.rounds, args.batch_size)
+        if args.large:
+            figures["large"] = measure("large", args.large, 5 * 1024 * 1024, 5 * 1024 * 1024, work, pg_url,
+                                       args.rounds, args.batch_size)
         if args.huge:
             figures["huge"] = measure("huge", args.huge, 64 << 20, 64 << 20, work, pg_url, 1, args.batch_size)
     finally:

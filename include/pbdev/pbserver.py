@@ -222,8 +222,11 @@ class PocketBaseServer:
     server left running. The server log goes to `<data_dir.parent>/<data_dir.name>.pocketbase.log`.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, version: str | None = None):
+    def __init__(self, data_dir: str | os.PathLike, version: str | None = None, encryption_env: str | None = None):
+        """`encryption_env`: PocketBase's `--encryptionEnv`, the name of a variable of this process's
+        environment holding the 32-character key its settings are encrypted with."""
         self.data_dir = Path(data_dir).resolve()
+        self._flags = [f"--encryptionEnv={encryption_env}"] if encryption_env else []
         self.binary = pocketbase_binary(version)
         self.version = version or binary_version(self.binary)
         self.generation = generation_of(self.version)
@@ -250,7 +253,7 @@ class PocketBaseServer:
 
     def _cli(self, *args: str) -> str:
         """Run one CLI command against the data dir; stdout on success, else RuntimeError."""
-        proc = subprocess.run([str(self.binary), *args, f"--dir={self.data_dir}"],
+        proc = subprocess.run([str(self.binary), *args, f"--dir={self.data_dir}", *self._flags],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"pocketbase {args[0]} {args[1] if len(args) > 1 else ''} failed "
@@ -271,7 +274,7 @@ class PocketBaseServer:
                 log.flush()
                 self._proc = subprocess.Popen(
                     [str(self.binary), "serve", f"--http=127.0.0.1:{port}", f"--dir={self.data_dir}",
-                     "--automigrate=false"],
+                     "--automigrate=false", *self._flags],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 )
             finally:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pbmigrate import context, files, sync, tasks
 from pbmigrate.audit import meta
 from pbmigrate.cutover import promote
 from pbmigrate.validate import quality, report
+from tests.conftest import moto_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SUPERUSER = ("root@example.com", "root-pass-12345")
@@ -93,11 +93,11 @@ def pb_data(built, tmp_path) -> Path:
     return dest
 
 
-def _store(tmp_path: Path) -> dict:
+def dir_store(tmp_path: Path) -> dict:
     return {"url": (tmp_path / "store").as_uri(), "options": {}}
 
 
-def _load(pb_data: Path | None, pg_url: str, target: str, api: dict | None = None) -> dict:
+def load_run(pb_data: Path | None, pg_url: str, target: str, api: dict | None = None) -> dict:
     """prepare, schema and data as the DAG runs them; the run dict."""
     params = tasks.run_params(source_path=str(pb_data) if pb_data else "", target_schema=target, mapping="",
                                  batch_size=1000, collections=["uploads"], orphans="reject")
@@ -109,12 +109,12 @@ def _load(pb_data: Path | None, pg_url: str, target: str, api: dict | None = Non
     return run
 
 
-def _copy(run: dict, pg_url: str, store: dict | None, api: dict | None = None) -> list[dict]:
+def copy_all(run: dict, pg_url: str, store: dict | None, api: dict | None = None) -> list[dict]:
     return [files.copy_batch(run, b, pg_url, store, api=api)
             for b in files.plan_file_batches(run, pg_url, api=api, files=store)]
 
 
-def _file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) -> meta.Check:
+def file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) -> meta.Check:
     source = context.open_run_source(run, api)
     try:
         plan = context.run_plan(run, source)
@@ -125,7 +125,7 @@ def _file_check(run: dict, pg_url: str, store: dict, api: dict | None = None) ->
     return check_
 
 
-def _names(pg_url: str, schema: str, title: str) -> dict:
+def names_of(pg_url: str, schema: str, title: str) -> dict:
     with psycopg.connect(pg_url) as conn:
         rid, avatar, gallery, contract = conn.execute(
             f"SELECT id, avatar, gallery, contract FROM {schema}.uploads WHERE title = %s", (title,)).fetchone()
@@ -137,12 +137,12 @@ def _attrs(store_root: Path, key: str) -> dict:
 
 
 def test_uploads_are_copied_byte_equal_with_content_type_and_original_name(built, pb_data, fresh_pg_url, tmp_path):
-    store = _store(tmp_path)
-    run = _load(pb_data, fresh_pg_url, "fl")
-    results = _copy(run, fresh_pg_url, store)
+    store = dir_store(tmp_path)
+    run = load_run(pb_data, fresh_pg_url, "fl")
+    results = copy_all(run, fresh_pg_url, store)
     assert sum(r["copied"] for r in results) == 4 + 1 + KILL_RECORDS and sum(r["missing"] for r in results) == 0
     root = tmp_path / "store"
-    rec = _names(fresh_pg_url, "fl_staging", "full")
+    rec = names_of(fresh_pg_url, "fl_staging", "full")
     by_original = {}
     for name in [rec["avatar"], *rec["gallery"], rec["contract"]]:
         key = f"uploads/{rec['id']}/{name}"
@@ -160,15 +160,28 @@ def test_uploads_are_copied_byte_equal_with_content_type_and_original_name(built
     assert not list(root.rglob("thumbs_*"))  # derived: never copied
     assert json.loads((root / "_collections.json").read_text()) == {built["collection_id"]: "uploads"}
     with psycopg.connect(fresh_pg_url) as conn:
-        ledger = conn.execute("SELECT count(*), sum(size), count(md5) FROM pbm_meta.files WHERE run_id = %s "
-                              "AND status = 'done'", (run["run_id"],)).fetchone()
+        ledger = conn.execute("SELECT count(*), sum(size), count(md5), count(sha256) FROM pbm_meta.files "
+                              "WHERE run_id = %s AND status = 'done'", (run["run_id"],)).fetchone()
     stored = [p for p in root.rglob("*") if p.is_file() and p.suffix != ".attrs" and p.name != "_collections.json"]
     assert ledger[0] == 45 and ledger[1] == sum(p.stat().st_size for p in stored)
     assert ledger[2] == 45  # every source file had PocketBase's md5 in its .attrs: all checked
-    ok = _file_check(run, fresh_pg_url, store)
+    assert ledger[3] == 0  # ... so the copy hashed none of them: validation does, once
+    # a copy altered before validation is caught by PocketBase's md5 (the ledger has no sha256 yet)
+    victim = root / f"uploads/{rec['id']}/{rec['gallery'][0]}"
+    good = victim.read_bytes()
+    victim.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    bad = file_check(run, fresh_pg_url, store)
+    assert not bad.success and bad.observed["md5_mismatch"] == 1 and bad.observed["sha256_mismatch"] == 0
+    assert bad.observed["sha256_recorded"] == 44  # the proven ones are hashed into the ledger
+    victim.write_bytes(good)
+    ok = file_check(run, fresh_pg_url, store)
     assert ok.success and ok.observed["verified"] == 45 and ok.observed["md5_checked"] == 45
+    assert ok.observed["sha256_recorded"] == 1
+    with psycopg.connect(fresh_pg_url) as conn:
+        hashes = dict(conn.execute("SELECT key, sha256 FROM pbm_meta.files WHERE run_id = %s", (run["run_id"],)))
+    assert hashes == {k: hashlib.sha256((root / k).read_bytes()).hexdigest() for k in hashes}
     # a retry of every task copies nothing
-    again = _copy(run, fresh_pg_url, store)
+    again = copy_all(run, fresh_pg_url, store)
     assert sum(r["copied"] for r in again) == 0 and sum(r["skipped"] for r in again) == 45
     # the report shows files and bytes per collection
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
@@ -178,25 +191,25 @@ def test_uploads_are_copied_byte_equal_with_content_type_and_original_name(built
     assert "## Files" in report.render_markdown(rep)
     # an object altered in the store after the copy fails the proof
     (root / f"uploads/{rec['id']}/{rec['avatar']}").write_bytes(PNG[:-1] + b"\x01")
-    bad = _file_check(run, fresh_pg_url, store)
+    bad = file_check(run, fresh_pg_url, store)
     assert not bad.success and bad.observed["sha256_mismatch"] == 1 and bad.observed["md5_mismatch"] == 1
 
 
 def test_api_mode_downloads_protected_files_with_a_file_token(built, pb_data, fresh_pg_url, tmp_path):
-    store = _store(tmp_path)
+    store = dir_store(tmp_path)
     with PocketBaseServer(pb_data, version=built["version"]) as pb:
         api = {"url": pb.url, "email": SUPERUSER[0], "password": SUPERUSER[1]}
         rid = _record_id(pb, "full")
         contract = pb.list_all("uploads", filter="title='full'")[0]["contract"]
         if built["version"] != "0.22.27":  # 0.22 served protected files without a token
             assert pb.admin.get(f"/api/files/uploads/{rid}/{contract}").status_code in (401, 403, 404)
-        run = _load(None, fresh_pg_url, "fa", api=api)
-        results = _copy(run, fresh_pg_url, store, api=api)
+        run = load_run(None, fresh_pg_url, "fa", api=api)
+        results = copy_all(run, fresh_pg_url, store, api=api)
         assert sum(r["copied"] for r in results) == 45 and sum(r["missing"] for r in results) == 0
         root = tmp_path / "store"
         assert (root / f"uploads/{rid}/{contract}").read_bytes() == built["sent"]["secret contract.pdf"][0]
         assert _attrs(root, f"uploads/{rid}/{contract}")["user.content_type"] == "application/pdf"
-        ok = _file_check(run, fresh_pg_url, store, api=api)
+        ok = file_check(run, fresh_pg_url, store, api=api)
         assert ok.success and ok.observed["verified"] == 45
     with psycopg.connect(fresh_pg_url) as conn:  # the file token never lands anywhere
         dump = json.dumps(conn.execute("SELECT json_agg(f) FROM pbm_meta.files f").fetchone()[0])
@@ -209,14 +222,14 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
         pytest.skip("one version is enough for the reject path")
     import sqlite3
 
-    store = _store(tmp_path)
+    store = dir_store(tmp_path)
     with sqlite3.connect(pb_data / "data.db") as raw:  # a script wrote a path where a name belongs
         raw.execute("UPDATE uploads SET avatar = '../../../escaped.png' WHERE title = 'no files'")
-    run = _load(pb_data, fresh_pg_url, "fm")
-    rec = _names(fresh_pg_url, "fm_staging", "avatar only")
-    bad = _names(fresh_pg_url, "fm_staging", "no files")
+    run = load_run(pb_data, fresh_pg_url, "fm")
+    rec = names_of(fresh_pg_url, "fm_staging", "avatar only")
+    bad = names_of(fresh_pg_url, "fm_staging", "no files")
     (pb_data / "storage" / built["collection_id"] / rec["id"] / rec["avatar"]).unlink()
-    results = _copy(run, fresh_pg_url, store)
+    results = copy_all(run, fresh_pg_url, store)
     assert sum(r["missing"] for r in results) == 2 and sum(r["copied"] for r in results) == 44
     assert not list(tmp_path.rglob("escaped.png"))
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
@@ -227,7 +240,7 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
                                              "path component", "files"),
             ("uploads", rec["id"], "avatar", f"missing file: {rec['avatar']} is not in PocketBase's storage "
                                              f"({built['collection_id']}/{rec['id']}/)", "files")]
-        check_ = _file_check(run, fresh_pg_url, store)
+        check_ = file_check(run, fresh_pg_url, store)
         assert check_.success and check_.observed["rejected"] == 2  # explained by the rejects...
         quality.record_checks(conn, run["run_id"], [check_])
         # ... and the rows are still loaded, so the row count expects them
@@ -238,19 +251,20 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
     # the file comes back: a retry of the task settles it, and the reject is gone
     shutil.copy(built["pb_data"] / "storage" / built["collection_id"] / rec["id"] / rec["avatar"],
                 pb_data / "storage" / built["collection_id"] / rec["id"] / rec["avatar"])
-    again = _copy(run, fresh_pg_url, store)
+    again = copy_all(run, fresh_pg_url, store)
     assert sum(r["copied"] for r in again) == 1 and sum(r["missing"] for r in again) == 1
 
 
 _KILLED_COPY = """
 import json, sys, time
 from pbmigrate import files
+from pbmigrate.files import copy as files_copy
 orig = files.LocalStorage.open
 def slow(self, *a):
     time.sleep(0.15)
     return orig(self, *a)
 files.LocalStorage.open = slow
-files.LEDGER_ROWS = 7
+files_copy.LEDGER_ROWS = 7  # read by copy_refs where it lives
 run, batch, pg_url, store = json.loads(sys.argv[1])
 files.copy_batch(run, batch, pg_url, store)
 """
@@ -260,9 +274,9 @@ def test_a_retry_after_a_kill_in_the_middle_of_a_collection_copies_nothing_twice
                                                                                  tmp_path, monkeypatch):
     if built["version"] != "0.40.6":
         pytest.skip("one version is enough for the kill")
-    store = _store(tmp_path)
+    store = dir_store(tmp_path)
     root = tmp_path / "store"
-    run = _load(pb_data, fresh_pg_url, "fk")
+    run = load_run(pb_data, fresh_pg_url, "fk")
     (batch,) = files.plan_file_batches(run, fresh_pg_url, files=store)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_COPY, json.dumps([run, batch, fresh_pg_url, store])],
@@ -290,16 +304,16 @@ def test_a_retry_after_a_kill_in_the_middle_of_a_collection_copies_nothing_twice
     assert not {f"{root}/{k}.attrs" for k in puts} & {str(p) for p in before}  # none copied again
     assert all(p.stat().st_mtime_ns == m for p, m in before.items())
     assert retry["skipped"] == ledgered and retry["adopted"] == len(before) - ledgered
-    assert _file_check(run, fresh_pg_url, store).observed["verified"] == 45
+    assert file_check(run, fresh_pg_url, store).observed["verified"] == 45
 
 
 def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(built, pb_data, fresh_pg_url,
                                                                                 tmp_path, monkeypatch):
-    store = _store(tmp_path)
+    store = dir_store(tmp_path)
     monkeypatch.setenv("PBM_FILES_URL", store["url"])
     root = tmp_path / "store"
-    run = _load(pb_data, fresh_pg_url, "fr")
-    _copy(run, fresh_pg_url, None)  # through PBM_FILES_URL, as the re-sync will
+    run = load_run(pb_data, fresh_pg_url, "fr")
+    copy_all(run, fresh_pg_url, None)  # through PBM_FILES_URL, as the re-sync will
     with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
         conn.execute("UPDATE pbm_meta.runs SET status = 'validated' WHERE run_id = %s", (run["run_id"],))
     with PocketBaseServer(pb_data, version=built["version"]) as pb:
@@ -318,10 +332,13 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
                               pg_url=fresh_pg_url, resync_id="resync-1", overlap_seconds=3600)
     assert summary["totals"]["updated"] == 1 and summary["totals"]["deleted"] == 1
     assert (root / f"uploads/{rid}/{new}").read_bytes() == new_bytes
+    with psycopg.connect(fresh_pg_url) as conn:  # no validation follows a re-sync: hashed as it copied
+        assert conn.execute("SELECT sha256 FROM pbm_meta.files WHERE record_id = %s AND name = %s",
+                            (rid, new)).fetchone() == (hashlib.sha256(new_bytes).hexdigest(),)
     assert _attrs(root, f"uploads/{rid}/{new}")["user.content_type"] == "image/png"
     assert not (root / f"uploads/{rid}/{old}").exists() and not (root / f"uploads/{rid}/{old}.attrs").exists()
     assert not (root / f"uploads/{gone}/{gone_name}").exists()
-    ok = _file_check(run, fresh_pg_url, None)
+    ok = file_check(run, fresh_pg_url, None)
     assert ok.success and ok.observed["verified"] == 44 and ok.observed["stale_ledger_rows"] == 0
     again = sync.run_resync(source_path=str(pb_data), target_schema="fr", mapping="", collections=["uploads"],
                             pg_url=fresh_pg_url, resync_id="resync-2", overlap_seconds=3600)
@@ -338,36 +355,11 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
         and p.name != "_collections.json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(tmp_path) -> str:
     """moto's standalone S3 server on a free loopback port, stopped by its pid."""
-    port = _free_port()
-    log = (tmp_path / "moto.log").open("wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with moto_server(tmp_path / "moto.log") as url:
+        yield url
 
 
 def test_s3_store_keeps_bytes_content_type_and_original_name(built, pb_data, fresh_pg_url, s3_server):
@@ -381,10 +373,10 @@ def test_s3_store_keeps_bytes_content_type_and_original_name(built, pb_data, fre
     store = {"url": "s3://game-files/migrated", "options": {
         "key": creds["aws_access_key_id"], "secret": creds["aws_secret_access_key"],
         "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}}
-    run = _load(pb_data, fresh_pg_url, "fs3")
-    results = _copy(run, fresh_pg_url, store)
+    run = load_run(pb_data, fresh_pg_url, "fs3")
+    results = copy_all(run, fresh_pg_url, store)
     assert sum(r["copied"] for r in results) == 45
-    rec = _names(fresh_pg_url, "fs3_staging", "full")
+    rec = names_of(fresh_pg_url, "fs3_staging", "full")
     big = next(n for n in rec["gallery"] if n.startswith("big"))
     head = s3.head_object(Bucket="game-files", Key=f"migrated/uploads/{rec['id']}/{big}")
     assert head["ContentType"] == "application/octet-stream" and head["ContentLength"] == len(BIG)
@@ -394,7 +386,7 @@ def test_s3_store_keeps_bytes_content_type_and_original_name(built, pb_data, fre
 
     assert unquote(got["Metadata"]["original-filename"]) == "my avatar ü 1.png"
     assert got["Metadata"]["md5"] == base64.b64encode(hashlib.md5(PNG).digest()).decode()
-    ok = _file_check(run, fresh_pg_url, store)
+    ok = file_check(run, fresh_pg_url, store)
     assert ok.success and ok.observed["verified"] == 45 and ok.observed["md5_checked"] == 45
     with psycopg.connect(fresh_pg_url) as conn:
         stores = conn.execute("SELECT DISTINCT store FROM pbm_meta.files").fetchall()

@@ -1,0 +1,103 @@
+"""A local file into a local file at `cp -r`'s speed, with the sha256 of its bytes when asked.
+
+Profiled on the 200 x 5 MB bench (a 2-core machine with SHA-NI): reading into a buffer, hashing
+and writing from Python cost ~1.2 s of CPU per GB against `cp -r`'s ~0.5 s; sha256 alone is
+~0.6 s per GB (1.7 GB/s on one core), so no copy that hashes every byte keeps up with `cp -r`.
+The bytes move in the kernel (`copy_file_range`, what cp 9 uses: page cache to page cache, one
+copy, no GIL). When the caller wants the hash (no checksum of the source's own to prove the copy
+against later), it reads the source's pages where they are, through a window of `mmap` (no copy
+into a buffer; the window bounds the mapped pages a process holds, so memory stays flat in file
+size). Small files, where syscalls and not bytes are the cost, take one `pread` and one `write`.
+
+The sha256 is of the source's bytes, read after the kernel copied them, and validation re-reads
+the copy and compares. PocketBase writes a file once and never truncates it; one truncated while
+mapped would end the task with SIGBUS, and the retry copies that file again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import stat
+from typing import BinaryIO
+
+SMALL = 256 * 1024  # up to this size a file is one read and one write
+WINDOW = 8 << 20  # bytes mapped at a time while hashing, and asked of copy_file_range per call
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def regular_fd(src: BinaryIO) -> int | None:
+    """The descriptor of a source that is a regular file at offset 0 (else None: stream it)."""
+    try:
+        fd = src.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or src.tell() != 0:
+            return None
+    except (OSError, ValueError):
+        return None
+    return fd
+
+
+def sha256_of(fd: int, size: int) -> str:
+    """The sha256 of the first `size` bytes of fd, read from the page cache a window at a time."""
+    sha = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        n = min(WINDOW, size - offset)  # WINDOW is a multiple of mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, n, access=mmap.ACCESS_READ, offset=offset) as window:
+            with contextlib.suppress(AttributeError, OSError):
+                window.madvise(mmap.MADV_SEQUENTIAL)
+            sha.update(window)  # hashlib releases the GIL for a buffer this large
+        offset += n
+    return sha.hexdigest()
+
+
+def _kernel_copy(src: int, dst: int, size: int) -> int:
+    """Bytes copied by copy_file_range (0 where the kernel or filesystem refuses at once)."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, min(WINDOW, size - done), done, done)
+        except OSError as exc:
+            if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                return 0
+            raise
+        if n == 0:  # the source ended early (it shrank): what was copied is what there is
+            break
+        done += n
+    return done
+
+
+def copy_regular(src_fd: int, dst_fd: int, hash_now: bool = True) -> tuple[int, str | None]:
+    """Copy a regular file's bytes to dst_fd (at offset 0); returns size and sha256 (None
+    without `hash_now`: the caller has the source's own checksum and verifies later)."""
+    size = os.fstat(src_fd).st_size
+    if size <= SMALL:
+        data = os.pread(src_fd, size, 0)  # a regular file: all of it, short only at its end
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst_fd, view):]
+        return len(data), hashlib.sha256(data).hexdigest() if hash_now else None
+    done = _kernel_copy(src_fd, dst_fd, size)
+    if done == 0:  # another filesystem the kernel will not copy across: sendfile, then plain reads
+        done = _sendfile(src_fd, dst_fd, size)
+    return done, sha256_of(src_fd, done) if hash_now else None
+
+
+def _sendfile(src: int, dst: int, size: int) -> int:
+    done = 0
+    with contextlib.suppress(OSError):
+        while done < size and (n := os.sendfile(dst, src, done, min(WINDOW, size - done))):
+            done += n
+    while done < size and (chunk := os.pread(src, min(WINDOW, size - done), done)):
+        view = memoryview(chunk)
+        os.lseek(dst, done, os.SEEK_SET)
+        while view:
+            view = view[os.write(dst, view):]
+        done += len(chunk)
+    return done
