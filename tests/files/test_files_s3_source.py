@@ -127,8 +127,6 @@ def test_files_in_pocketbases_own_s3_bucket_are_copied_and_proven(built, pb_data
         assert got[original][0] == data, original  # byte-equal, found by the original name kept in S3 metadata
         assert got[original][1].split(";")[0] == ctype
         assert got[original][2] == base64.b64encode(hashlib.md5(data).digest()).decode()  # the bucket's ETag md5
-    with psycopg.connect(fresh_pg_url) as conn:  # read from a stream: hashed while copied
-        assert conn.execute("SELECT count(sha256) FROM pbm_meta.files").fetchone() == (10,)
     check_ = file_check(run, fresh_pg_url, store)
     assert check_.success and check_.observed["verified"] == 10 and check_.observed["md5_checked"] == 10
     # a retry reads nothing again

@@ -23,19 +23,15 @@ log = logging.getLogger("pbmigrate.files")
 def check_table_files(conn: psycopg.Connection, store: FileStore, table: Table, run_id: str, schema: str,
                       workers: int = WORKERS) -> dict[str, Any]:
     """Every file name the table holds: its object re-read, size and sha256 equal to the ledger's
-    (what was read from the source), and PocketBase's md5 where `.attrs` had one. A copy made
-    without a sha256 (a local file with PocketBase's md5: see copy_one) is proven by that md5,
-    and the sha256 read here goes into the ledger. A name the ledger records as missing is a
-    reject (the gate counts it); a name with no ledger row at all, or an object that is absent or
-    differs, fails the check."""
+    (what was read from the source), and PocketBase's md5 where `.attrs` had one. A name the
+    ledger records as missing is a reject (the gate counts it); a name with no ledger row at all,
+    or an object that is absent or differs, fails the check."""
     started = time.monotonic()
     coll = table.collection.name
     refs = target_refs(conn, schema, table)
     ledger = read_ledger(conn, run_id, coll)
     counts = {"files": len(refs), "bytes": 0, "verified": 0, "rejected": 0, "unrecorded": 0, "missing_objects": 0,
-              "size_mismatch": 0, "sha256_mismatch": 0, "md5_mismatch": 0, "md5_checked": 0, "unverifiable": 0,
-              "sha256_recorded": 0}
-    hashed: list[tuple[str, str, str, str]] = []  # sha256 read here for copies the ledger has none of
+              "size_mismatch": 0, "sha256_mismatch": 0, "md5_mismatch": 0, "md5_checked": 0}
     examples: list[str] = []
     to_read = []
     for ref in refs:
@@ -64,13 +60,9 @@ def check_table_files(conn: psycopg.Connection, store: FileStore, table: Table, 
                 counts["size_mismatch"] += 1
                 examples.append(f"{label}: {got[0]} bytes, ledger {size}")
                 bad = True
-            if sha is not None and got[1] != sha:
+            if got[1] != sha:
                 counts["sha256_mismatch"] += 1
                 examples.append(f"{label}: sha256 differs from the source's")
-                bad = True
-            if sha is None and not md5:  # not written by the copy: nothing from the source to compare with
-                counts["unverifiable"] += 1
-                examples.append(f"{label}: the ledger holds neither sha256 nor md5")
                 bad = True
             if md5:
                 counts["md5_checked"] += 1
@@ -81,18 +73,10 @@ def check_table_files(conn: psycopg.Connection, store: FileStore, table: Table, 
             if not bad:
                 counts["verified"] += 1
                 counts["bytes"] += got[0]
-                if sha is None:
-                    hashed.append((got[1], ref.record_id, ref.field, ref.name))
-    if hashed:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany("UPDATE pbm_meta.files SET sha256 = %s WHERE run_id = %s AND collection = %s "
-                            "AND record_id = %s AND field = %s AND name = %s AND sha256 IS NULL",
-                            [(s, run_id, coll, r, f, n) for s, r, f, n in hashed])
-        counts["sha256_recorded"] = len(hashed)
     referenced = set(refs)
     counts["stale_ledger_rows"] = sum(1 for r in ledger if r not in referenced)
     failures = counts["unrecorded"] + counts["missing_objects"] + counts["size_mismatch"] + \
-        counts["sha256_mismatch"] + counts["md5_mismatch"] + counts["unverifiable"]
+        counts["sha256_mismatch"] + counts["md5_mismatch"]
     return {"ok": failures == 0, **counts, "examples": examples[:EXAMPLES], "store": store.describe(),
             "seconds": round(time.monotonic() - started, 3)}
 

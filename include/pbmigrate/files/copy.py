@@ -58,12 +58,8 @@ class CopyResult:
                 f"{self.adopted:,}, missing {self.missing:,} in {self.seconds:.2f} s")
 
 
-def copy_one(storage: Storage, store: FileStore, coll: Collection, ref: Ref, *, hash_now: bool = False) -> Outcome:
-    """One file from the source into the store, unless the store holds it complete already.
-
-    A local file with PocketBase's md5 is not hashed here (`hash_now` False): sha256 alone costs
-    more CPU than `cp -r` of the same bytes, and validation re-reads every object anyway, proves
-    it against that md5 and records its sha256. Everything else is hashed while it is copied."""
+def copy_one(storage: Storage, store: FileStore, coll: Collection, ref: Ref) -> Outcome:
+    """One file from the source into the store, unless the store holds it complete already."""
     key = store.key(coll.name, ref.record_id, ref.name)
     bad = unsafe_name(ref.record_id, ref.name)
     if bad:
@@ -79,13 +75,13 @@ def copy_one(storage: Storage, store: FileStore, coll: Collection, ref: Ref, *, 
         return Outcome(ref, key, "missing", reason=str(exc))
     with src:
         size, sha = store.put(key, src, content_type=attrs["content_type"], original_name=attrs["original_name"],
-                              md5=attrs["md5"], hash_now=hash_now)
+                              md5=attrs["md5"])
     return Outcome(ref, key, "done", size, sha, attrs["md5"], attrs["content_type"])
 
 
 def copy_refs(conn: psycopg.Connection, storage: Storage, store: FileStore, coll: Collection,
               refs: Iterable[Ref], run_id: str, result: CopyResult, batch_lo: str | None = None,
-              workers: int = WORKERS, hash_now: bool = False) -> None:
+              workers: int = WORKERS) -> None:
     """Copy `refs`, writing their ledger rows (and rejects) every LEDGER_ROWS files, in order."""
     pending: list[Outcome] = []
 
@@ -111,12 +107,11 @@ def copy_refs(conn: psycopg.Connection, storage: Storage, store: FileStore, coll
     refs = list(refs)
     if workers <= 1 or len(refs) < 2:
         for ref in refs:
-            account(copy_one(storage, store, coll, ref, hash_now=hash_now))
+            account(copy_one(storage, store, coll, ref))
     else:  # a window of LEDGER_ROWS in flight at a time: memory does not grow with the range
         with ThreadPoolExecutor(workers, thread_name_prefix="pbm-files") as pool:
             for start in range(0, len(refs), LEDGER_ROWS):
-                for o in pool.map(lambda r: copy_one(storage, store, coll, r, hash_now=hash_now),
-                                  refs[start:start + LEDGER_ROWS]):
+                for o in pool.map(lambda r: copy_one(storage, store, coll, r), refs[start:start + LEDGER_ROWS]):
                     account(o)
     if pending:
         flush()

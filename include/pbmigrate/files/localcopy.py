@@ -73,20 +73,19 @@ def _kernel_copy(src: int, dst: int, size: int) -> int:
     return done
 
 
-def copy_regular(src_fd: int, dst_fd: int, hash_now: bool = True) -> tuple[int, str | None]:
-    """Copy a regular file's bytes to dst_fd (at offset 0); returns size and sha256 (None
-    without `hash_now`: the caller has the source's own checksum and verifies later)."""
+def copy_regular(src_fd: int, dst_fd: int) -> tuple[int, str]:
+    """Copy a regular file's bytes to dst_fd (at offset 0); returns size and sha256."""
     size = os.fstat(src_fd).st_size
     if size <= SMALL:
         data = os.pread(src_fd, size, 0)  # a regular file: all of it, short only at its end
         view = memoryview(data)
         while view:
             view = view[os.write(dst_fd, view):]
-        return len(data), hashlib.sha256(data).hexdigest() if hash_now else None
+        return len(data), hashlib.sha256(data).hexdigest()
     done = _kernel_copy(src_fd, dst_fd, size)
     if done == 0:  # another filesystem the kernel will not copy across: sendfile, then plain reads
         done = _sendfile(src_fd, dst_fd, size)
-    return done, sha256_of(src_fd, done) if hash_now else None
+    return done, sha256_of(src_fd, done)
 
 
 def _sendfile(src: int, dst: int, size: int) -> int:

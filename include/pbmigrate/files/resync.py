@@ -53,9 +53,7 @@ def resync_files(conn: psycopg.Connection, source: Any, plan: Plan, run: dict, s
             doomed += [ledger[r][4] for r in gone if ledger[r][0] == "done"]
         result = CopyResult(coll.name, None, None, files=len(refs))
         if new:
-            # no validation follows a re-sync: its copies are hashed as they are made
-            copy_refs(conn, storage, store, coll, new, run_id, result, workers=WORKERS if store.local else 2,
-                      hash_now=True)
+            copy_refs(conn, storage, store, coll, new, run_id, result, workers=WORKERS if store.local else 2)
         if new or gone:
             log.info("re-sync files of %s: copied %d (%d bytes), removed %d, missing %d", coll.name, result.copied,
                      result.bytes_copied, len(gone), result.missing)

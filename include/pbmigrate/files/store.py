@@ -93,13 +93,10 @@ class FileStore:
     # writing
 
     def put(self, key: str, src: BinaryIO, *, content_type: str | None, original_name: str | None,
-            md5: str | None, hash_now: bool = True) -> tuple[int, str | None]:
-        """Stream `src` into the object `key` (one chunk in memory); returns size and sha256.
-
-        The sha256 is None only for a local file copied into a directory with `hash_now` False
-        and the source's md5 given: validation proves the copy against that md5 and hashes it."""
+            md5: str | None) -> tuple[int, str]:
+        """Stream `src` into the object `key` (one chunk in memory); returns size and sha256."""
         if self.local:
-            return self._put_local(key, src, content_type, original_name, md5, hash_now or not md5)
+            return self._put_local(key, src, content_type, original_name, md5)
         sha = hashlib.sha256()
         size = 0
         meta = {"original-filename": quote(original_name or key.rsplit("/", 1)[-1], safe="")}
@@ -116,7 +113,7 @@ class FileStore:
         return size, sha.hexdigest()
 
     def _put_local(self, key: str, src: BinaryIO, content_type: str | None, original_name: str | None,
-                   md5: str | None, hash_now: bool) -> tuple[int, str | None]:
+                   md5: str | None) -> tuple[int, str]:
         path = self.path(key)
         attrs = path + ATTRS
         try:
@@ -130,7 +127,7 @@ class FileStore:
         src_fd = regular_fd(src)
         with out:
             if src_fd is not None:  # a local file: copied in the kernel, hashed from the page cache
-                size, digest = copy_regular(src_fd, out.fileno(), hash_now)
+                size, digest = copy_regular(src_fd, out.fileno())
             else:  # a download: one chunk at a time through a buffer of this thread's
                 size, digest = self._stream(src, out)
         meta = {"user.content_type": content_type or "application/octet-stream",
@@ -179,8 +176,8 @@ class FileStore:
                     meta = json.load(fh)
             except (FileNotFoundError, NotADirectoryError, ValueError):
                 return None
-            if meta.get("size") != size or not (meta.get("sha256") or meta.get("md5")):
-                return None  # a sidecar holds a checksum, ours or PocketBase's: else it is not ours
+            if meta.get("size") != size or not meta.get("sha256"):
+                return None
             user = meta.get("user.metadata") or {}
             return ObjectInfo(size, meta["sha256"], meta.get("md5"), meta.get("user.content_type"),
                               user.get("original-filename"))
