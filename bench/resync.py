@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psycopg
 
-from pbmigrate import pipeline, sync
+from pbmigrate import pipeline, resync
 from pbmigrate.sample import build_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def pb_now() -> str:
-    return sync.pb_timestamp(datetime.now(UTC))
+    return resync.pb_timestamp(datetime.now(UTC))
 
 
 def change_rows(data_db: Path, total: int, share: float, seed: int = 11) -> dict[str, dict[str, int]]:
@@ -106,9 +106,9 @@ def full_load(pb_data: Path, pg_url: str, batch_size: int) -> dict:
     return run
 
 
-def resync(pb_data: Path, pg_url: str, label: str) -> dict:
+def timed_resync(pb_data: Path, pg_url: str, label: str) -> dict:
     started = time.monotonic()
-    summary = sync.run_resync(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml", collections=[],
+    summary = resync.run_resync(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml", collections=[],
                               pg_url=pg_url, resync_id=f"bench-{label}-{int(time.time())}")
     seconds = time.monotonic() - started
     print(f"re-sync, {label}: {seconds:.2f} s  totals {summary['totals']}")
@@ -158,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["full_load_seconds"] = round(time.monotonic() - t, 1)
         print(f"full load of {total:,} rows: {figures['full_load_seconds']} s")
 
-        first = resync(pb_data, pg_url, "nothing changed since the full load")
+        first = timed_resync(pb_data, pg_url, "nothing changed since the full load")
         figures["changes"] = change_rows(pb_data / "data.db", total, args.changed)
         print(f"changed {int(total * args.changed):,} rows: {figures['changes']}")
-        figures["resync_changed"] = resync(pb_data, pg_url, f"{args.changed:.0%} changed")
-        figures["resync_unchanged"] = resync(pb_data, pg_url, "nothing changed")
+        figures["resync_changed"] = timed_resync(pb_data, pg_url, f"{args.changed:.0%} changed")
+        figures["resync_unchanged"] = timed_resync(pb_data, pg_url, "nothing changed")
         figures["resync_first"] = first
         ok_changed = figures["resync_changed"]["seconds"] < 20
         ok_unchanged = figures["resync_unchanged"]["seconds"] < 10

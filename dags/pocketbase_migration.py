@@ -174,11 +174,11 @@ def pocketbase_migration():
     @task
     @fail_fast
     def final_sync() -> dict:
-        from pbmigrate import sync
+        from pbmigrate import resync
 
         ctx = get_current_context()
         p = ctx["params"]
-        return sync.final_sync(
+        return resync.final_sync(
             source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
             mapping=param_text(p, "mapping"), collections=p["collections"] or [],
             overlap_seconds=p["overlap_seconds"], pg_url=postgres_url(), dag_run_id=ctx["run_id"],

@@ -54,17 +54,17 @@ def pocketbase_resync():
     @task(retries=0)
     @fail_fast
     def resync() -> dict:
-        from pbmigrate import sync
+        from pbmigrate.resync import TargetCutOver, run_resync
 
         ctx = get_current_context()
         p = ctx["params"]
         try:
-            return sync.run_resync(
+            return run_resync(
                 source_path=p["source_path"], target_schema=p["target_schema"], mapping=p["mapping"],
                 collections=p["collections"], overlap_seconds=p["overlap_seconds"], force=p["force"],
                 pg_url=postgres_url(), resync_id=ctx["run_id"], api=pocketbase_api(), files=files_store(),
             )
-        except sync.TargetCutOver as exc:
+        except TargetCutOver as exc:
             raise AirflowSkipException(str(exc)) from exc
 
     resync()

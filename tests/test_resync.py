@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import pipeline, sync
+from pbmigrate import pipeline, resync
 from pbmigrate.mapping import load_mapping
 from pbmigrate.pbserver import PocketBaseServer, check
 from pbmigrate.plan import build_plan
@@ -45,7 +45,7 @@ class Env:
                       "collections": [], "pg_url": self.pg_url, "resync_id": f"resync-{time.monotonic_ns()}",
                       "range_rows": 5}
         args.update(kwargs)
-        return sync.run_resync(**args)
+        return resync.run_resync(**args)
 
     def create(self, collection: str, data: dict) -> str:
         return self.pb.create_record(collection, data)["id"]
@@ -69,7 +69,7 @@ class Env:
             plan = build_plan(source.catalog(), load_mapping(""))
             with psycopg.connect(self.pg_url, autocommit=True) as conn:
                 for t in plan.tables:
-                    diffs = sync.compare_ranges(conn, source, t, schema or f"{self.target}_staging",
+                    diffs = resync.compare_ranges(conn, source, t, schema or f"{self.target}_staging",
                                                 run_id=self.run["run_id"], range_rows=5)
                     bad = [d.as_dict() for d in diffs if not d.equal]
                     if bad:
@@ -149,7 +149,7 @@ def test_inserts_updates_and_deletes_between_runs_all_arrive(env: Env) -> None:
     newest = env.pb.list_all("posts", sort="-updated")[0]["updated"]
     (mark,) = env.query("SELECT updated_at FROM pbm_meta.watermarks WHERE target_schema = %s AND collection = 'posts'",
                         (env.target,))[0]
-    assert sync.pb_timestamp(mark) == newest.replace("T", " ")
+    assert resync.pb_timestamp(mark) == newest.replace("T", " ")
 
 
 def test_collection_without_updated_converges_by_range_checksums(env: Env) -> None:
@@ -239,7 +239,7 @@ def test_rejected_rows_follow_the_full_load_rules_and_clear_when_fixed(env: Env)
     try:
         plan = build_plan(source.catalog(), load_mapping(""))
         with psycopg.connect(env.pg_url, autocommit=True) as conn:
-            posts = sync.compare_collection(conn, source, plan.table_for("posts"), f"{env.target}_staging",
+            posts = resync.compare_collection(conn, source, plan.table_for("posts"), f"{env.target}_staging",
                                             run_id=env.run["run_id"])
     finally:
         source.close()
@@ -307,7 +307,7 @@ def test_resync_after_cutover_refuses_unless_forced(env: Env) -> None:
                      "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
     env.update("authors", env.authors[3], {"score": -1})
 
-    with pytest.raises(sync.ResyncRefused, match=r"cut over to PostgreSQL.*no longer the source of truth"):
+    with pytest.raises(resync.ResyncRefused, match=r"cut over to PostgreSQL.*no longer the source of truth"):
         env.resync()
 
     forced = env.resync(force=True)
@@ -324,7 +324,7 @@ def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
         conn.execute("UPDATE pbm_meta.runs SET status = 'promoted' WHERE run_id = %s", (env.run["run_id"],))
         conn.execute("INSERT INTO pbm_meta.cutovers (run_id, target_schema, action, backend) "
                      "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
-    with pytest.raises(sync.TargetCutOver):
+    with pytest.raises(resync.TargetCutOver):
         env.resync()
     params = pipeline.run_params(source_path=str(env.pb_data), target_schema=env.target, mapping="", batch_size=8,
                                  collections=[], orphans="reject")
@@ -343,21 +343,21 @@ def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
 
 
 def test_resync_waits_for_a_migration_holding_the_target(env: Env) -> None:
-    with sync.target_lock(env.pg_url, env.target, shared=True, holder="pbmigrate migration"), \
-            pytest.raises(sync.TargetBusy, match="pbmigrate migration"):
+    with resync.target_lock(env.pg_url, env.target, shared=True, holder="pbmigrate migration"), \
+            pytest.raises(resync.TargetBusy, match="pbmigrate migration"):
         env.resync(lock_wait_seconds=0.5)
     assert env.resync()["totals"]["inserted"] == 0
 
 
 def test_resync_refuses_params_that_differ_from_the_migration(env: Env) -> None:
-    with pytest.raises(sync.ResyncRefused, match="param collections"):
+    with pytest.raises(resync.ResyncRefused, match="param collections"):
         env.resync(collections=["posts"])
 
 
 def test_final_sync_returns_the_run_for_the_gates(env: Env) -> None:
     env.update("posts", env.posts[7], {"title": "last words"})
 
-    run = sync.final_sync(source_path=str(env.pb_data), target_schema=env.target, mapping="", collections=[],
+    run = resync.final_sync(source_path=str(env.pb_data), target_schema=env.target, mapping="", collections=[],
                           pg_url=env.pg_url, dag_run_id="manual__final")
 
     assert run["run_id"] == env.run["run_id"] and run["resynced"] is True
@@ -365,7 +365,7 @@ def test_final_sync_returns_the_run_for_the_gates(env: Env) -> None:
     assert Path(run["snapshot_path"]).is_file() and run["snapshot_path"] != env.run["snapshot_path"]
     assert run["resync"]["totals"]["updated"] == 1
     with psycopg.connect(env.pg_url, autocommit=True) as conn:
-        assert sync.last_resync(conn, env.run["run_id"])["resync_id"] == "final:manual__final"
+        assert resync.last_resync(conn, env.run["run_id"])["resync_id"] == "final:manual__final"
 
 
 DAG_RUN = """

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from pbmigrate import checksum
-from pbmigrate.columnar.batch import copy_batch, reject_all
+from pbmigrate.columnar.batch import copy_batch
 from pbmigrate.plan import Table, qi
 from pbmigrate.sources import Source
 
@@ -49,9 +49,6 @@ class BatchResult:
         return (f"{self.collection} -> {self.table} [{self.lo}..{self.hi}]: read {self.rows_read:,}, "
                 f"loaded {self.rows_loaded:,}, rejected {self.rows_rejected:,}, "
                 f"junction rows {self.junction_rows:,}; {state}")
-
-
-_reject_all = reject_all  # the re-sync names each bad field the same way
 
 
 def _existing(conn: psycopg.Connection, run_id: str, collection: str, lo: str) -> BatchResult | None:

@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS pbm_meta.watermarks (
 );
 """
 
-_LOCK_KEY = 0x70626D6D  # "pbmm": serialises concurrent first-time creation
+LOCK_KEY = 0x70626D6D  # "pbmm": serialises concurrent first-time creation of pbm_meta objects
 
 
 def exists(conn: psycopg.Connection) -> bool:
@@ -106,7 +106,7 @@ def exists(conn: psycopg.Connection) -> bool:
 def ensure_meta(conn: psycopg.Connection) -> None:
     """Create pbm_meta if needed (idempotent, safe when parallel tasks race)."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         conn.execute(META_DDL)
 
 

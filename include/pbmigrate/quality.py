@@ -432,7 +432,7 @@ def resynced(conn: psycopg.Connection, run: dict) -> bool:
         return True
     if not conn.execute("SELECT to_regclass('pbm_meta.resyncs') IS NOT NULL").fetchone()[0]:
         return False
-    from pbmigrate.sync import last_resync
+    from pbmigrate.resync import last_resync
 
     return last_resync(conn, run["run_id"]) is not None
 
@@ -440,9 +440,9 @@ def resynced(conn: psycopg.Connection, run: dict) -> bool:
 def resync_checks(conn: psycopg.Connection, source: Source, plan: Plan, schema: str, run_id: str,
                   source_counts: dict[str, int]) -> tuple[list[Check], dict[str, int]]:
     """After a re-sync: each table against the (re-sync's) snapshot, range by range
-    (`sync.compare_collection`, the ledger's digests on both sides); returns the checks and the
+    (`resync.compare_collection`, the ledger's digests on both sides); returns the checks and the
     row count each table must hold (source rows less rejects)."""
-    from pbmigrate.sync import compare_collection
+    from pbmigrate.resync import compare_collection
 
     checks, expected = [], {}
     for t in plan.tables:

@@ -1,0 +1,251 @@
+"""The re-sync's entry points: one run in one transaction (`resync`), the scheduled task around it
+(`run_resync`: lock, snapshot, checks, figures), the final re-sync before cut-over (`final_sync`)
+and validation's cue that one has run (`last_resync`).
+
+Collections with `updated` are read from the watermark minus an overlap window (transactions still
+in flight when the last snapshot was taken), then their id sets are walked for deletes; the others
+are compared range by range (`rangediff`). Everything, watermarks and `pbm_meta.resyncs` included,
+is one transaction with deferred constraints: a run lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from pbmigrate import files as files_sync
+from pbmigrate import metrics
+from pbmigrate.convert import parse_datetime
+from pbmigrate.errors import ParamError, PbmError
+from pbmigrate.guard import target_lock
+from pbmigrate.mapping import load_mapping
+from pbmigrate.pipeline import safe_name
+from pbmigrate.plan import Plan, build_plan, qi
+from pbmigrate.resync import reads
+from pbmigrate.resync.cascade import Cascade, order
+from pbmigrate.resync.rangediff import compare
+from pbmigrate.resync.reads import pb_timestamp
+from pbmigrate.resync.table import RANGE_ROWS, CollectionResult, TableSync
+from pbmigrate.resync.target import (
+    SyncTarget,
+    check_params,
+    check_schema,
+    ensure_sync_meta,
+    recorded_params,
+    resolve_target,
+)
+from pbmigrate.snapshot import resolve_data_db, take_snapshot
+from pbmigrate.sources import Source, open_source
+
+log = logging.getLogger("pbmigrate.resync")
+
+DEFAULT_OVERLAP_SECONDS = 300
+
+
+def _initial_since(conn: psycopg.Connection, sync: TableSync, target: SyncTarget, overlap: timedelta
+                   ) -> tuple[datetime | None, str]:
+    """The stored watermark of this run, else the newest `updated` the target holds."""
+    row = conn.execute(
+        "SELECT updated_at, run_id FROM pbm_meta.watermarks WHERE target_schema = %s AND collection = %s",
+        (target.target_schema, sync.name),
+    ).fetchone()
+    mark = row[0] if row is not None and row[1] == target.run_id else None
+    if mark is None:
+        mark = conn.execute(f"SELECT max({qi(sync.updated_col or 'updated')}) FROM {sync.t}").fetchone()[0]
+    if mark is None:
+        return None, ""  # an empty target: every row is new
+    return mark, pb_timestamp(mark - overlap)
+
+
+def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTarget, *, resync_id: str,
+           overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, range_rows: int = RANGE_ROWS,
+           files: dict | None = None) -> list[CollectionResult]:
+    """Bring `target.schema` to what `source` holds, in one transaction; figures per collection."""
+    overlap = timedelta(seconds=float(overlap_seconds))
+    orphans = target.params.get("orphans", "reject")
+    started = time.monotonic()
+    with conn.transaction():
+        conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        run = Cascade(conn, target.schema, target.run_id, orphans, source.has_secrets, plan)
+        marks: dict[str, datetime | None] = {}
+        for t in order(plan):
+            t0 = time.monotonic()
+            sync = TableSync(run, t)
+            run.syncs[t.name] = sync
+            if sync.result.mode == "updated":
+                mark, since = _initial_since(conn, sync, target, overlap)
+                sync.result.since = since or None
+                sync.apply(reads.changed_chunks(source, t, sync.updated_field, since), track_updated=True)
+                sync.walk_ids(source, range_rows)
+                new = parse_datetime(sync.max_updated) if sync.max_updated else None
+                marks[sync.name] = max(d for d in (mark, new) if d is not None) if (mark or new) else None
+            else:
+                for _ in compare(sync, source, range_rows, repair=True):
+                    pass
+                marks[sync.name] = None
+            sync.finish_rejects()
+            sync.result.seconds = time.monotonic() - t0
+        t0 = time.monotonic()
+        run.revive_children(source)
+        run.drain()
+        run.settle_written()
+        try:
+            conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        except pgerrors.ForeignKeyViolation as exc:
+            raise PbmError(f"re-sync of {target.schema!r} would leave a dangling reference, nothing was "
+                           f"written: {exc.diag.message_primary} {exc.diag.message_detail or ''}") from exc
+        settle = time.monotonic() - t0
+        # the bytes behind file fields follow the rows, in the same transaction (objects of
+        # removed names are deleted once it has committed)
+        doomed_files = files_sync.resync_files(conn, source, plan, target.run, target.schema, files)
+        results = [run.syncs[t.name].result for t in plan.tables]
+        for r in results:
+            r.seconds += settle / max(1, len(results))
+            r.watermark = pb_timestamp(marks[r.collection]) if marks.get(r.collection) else None
+            conn.execute(
+                """INSERT INTO pbm_meta.watermarks (target_schema, collection, updated_at, synced_at, run_id)
+                   VALUES (%s, %s, %s, now(), %s)
+                   ON CONFLICT (target_schema, collection) DO UPDATE SET updated_at = EXCLUDED.updated_at,
+                       synced_at = EXCLUDED.synced_at, run_id = EXCLUDED.run_id""",
+                (target.target_schema, r.collection, marks.get(r.collection), target.run_id))
+            conn.execute(
+                """INSERT INTO pbm_meta.resyncs (resync_id, run_id, target_schema, synced_schema, collection,
+                       target_table, mode, rows_read, inserted, updated, deleted, rejected, ranges_compared,
+                       ranges_recopied, watermark, seconds)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (resync_id, collection) DO UPDATE SET rows_read = EXCLUDED.rows_read,
+                       inserted = EXCLUDED.inserted, updated = EXCLUDED.updated, deleted = EXCLUDED.deleted,
+                       rejected = EXCLUDED.rejected, ranges_compared = EXCLUDED.ranges_compared,
+                       ranges_recopied = EXCLUDED.ranges_recopied, watermark = EXCLUDED.watermark,
+                       seconds = EXCLUDED.seconds, at = now()""",
+                (resync_id, target.run_id, target.target_schema, target.schema, r.collection, r.table, r.mode,
+                 r.rows_read, r.inserted, r.updated, r.deleted, r.rejected, r.ranges_compared, r.ranges_recopied,
+                 marks.get(r.collection), r.seconds))
+    files_sync.delete_objects(doomed_files, target.run, files)
+    log.info("re-sync %s of %s: %.2f s", resync_id, target.schema, time.monotonic() - started)
+    return results
+
+
+def resync_dir(target_schema: str) -> Path:
+    """Where the re-sync keeps its snapshot: one per target, replaced by every run."""
+    from pbmigrate.pipeline import work_dir
+
+    return work_dir() / target_schema / "resync"
+
+
+def run_resync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+               pg_url: str,
+               resync_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, force: bool = False,
+               api: dict | None = None, lock_wait_seconds: float = 60.0, range_rows: int = RANGE_ROWS,
+               snapshot_name: str = "data.db", files: dict | None = None) -> dict:
+    """One re-sync (the `pocketbase_resync` task): snapshot, compare, write, record; a summary.
+
+    `source_path`, `mapping` or `collections` left None take the migration run's values
+    (`recorded_params`). Raises TargetCutOver after a cut-over (unless `force`), ResyncRefused
+    before any completed load or when the params differ from the migration's; TargetBusy when a
+    migration holds the target.
+    """
+    if float(overlap_seconds) < 0:
+        raise ParamError("param overlap_seconds must not be negative")
+    started = time.monotonic()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        ensure_sync_meta(conn)
+    with target_lock(pg_url, target_schema, wait_seconds=lock_wait_seconds, holder="pbmigrate re-sync"), \
+            psycopg.connect(pg_url, autocommit=True,
+                            application_name=f"pbmigrate re-sync {target_schema}"[:63]) as conn:
+        target = resolve_target(conn, target_schema, force=force)
+        source_path, mapping, collections = recorded_params(target, source_path=source_path, mapping=mapping,
+                                                            collections=collections)
+        check_params(target, mapping=mapping, collections=collections)
+        if source_path:  # files are read from the storage beside the data.db this re-sync reads
+            target.run["storage_path"] = str(resolve_data_db(source_path).parent / "storage")
+        snapshot_path, snapshot_at = None, None
+        if source_path:
+            snap = take_snapshot(source_path, resync_dir(target_schema) / snapshot_name)
+            snapshot_path, snapshot_at = snap.path, datetime.now(UTC)
+            log.info("snapshot of %s: %s (%s bytes, %.2f s)", snap.source, snap.path, snap.bytes, snap.seconds)
+            source = open_source(snap.path)
+        else:
+            if not api:
+                raise ParamError("API mode needs the pbm_pocketbase connection (url, email, password)")
+            source = open_source(None, **api)
+            snapshot_at = datetime.now(UTC)
+            log.warning("API mode: every id and changed row is paged through the REST API (slower than a "
+                        "snapshot); point source_path at the data.db when the files are reachable")
+        try:
+            plan = build_plan(source.catalog(), load_mapping(mapping), collections=collections,
+                              has_secrets=source.has_secrets)
+            check_schema(conn, target.schema, plan)
+            results = resync(conn, source, plan, target, resync_id=resync_id, overlap_seconds=overlap_seconds,
+                             range_rows=range_rows, files=files)
+        finally:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                source.close()
+    for r in results:
+        log.info("%s", r.log_line())
+    totals = {k: sum(getattr(r, k) for r in results) for k in ("inserted", "updated", "deleted", "rejected")}
+    summary = {
+        "resync_id": resync_id,
+        "run_id": target.run_id,
+        "target_schema": target_schema,
+        "schema": target.schema,
+        "forced": bool(target.cut_over),
+        "snapshot_path": snapshot_path,
+        "snapshot_at": snapshot_at.isoformat() if snapshot_at else None,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "seconds": round(time.monotonic() - started, 3),
+        "totals": totals,
+        "collections": {r.collection: {k: v for k, v in asdict(r).items() if k != "collection"} for r in results},
+    }
+    log.info("re-sync of %s into %s: inserted %d, updated %d, deleted %d, rejected %d in %.2f s", target_schema,
+             target.schema, totals["inserted"], totals["updated"], totals["deleted"], totals["rejected"],
+             summary["seconds"])
+    # PostgreSQL now holds PocketBase as of the snapshot: the lag is the snapshot's age.
+    lag = (datetime.now(UTC) - snapshot_at).total_seconds() if snapshot_at else 0.0
+    for r in results:
+        metrics.push_resync(r.collection, r.inserted, r.updated, r.deleted, lag, target.run_id)
+    return summary
+
+
+def final_sync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+               pg_url: str,
+               dag_run_id: str, overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, api: dict | None = None,
+               lock_wait_seconds: float = 600.0, files: dict | None = None) -> dict:
+    """The last re-sync before cut-over (`pocketbase_migration` with mode=final), with PocketBase
+    frozen: returns the migration's run dict, pointed at this re-sync's snapshot, for the gates.
+
+    `resynced` tells validation that the ledger's batch checksums are stale: compare the target
+    with `snapshot_path` through `compare_ranges` instead.
+    """
+    summary = run_resync(source_path=source_path, target_schema=target_schema, mapping=mapping,
+                         collections=collections, pg_url=pg_url, resync_id=f"final:{dag_run_id}",
+                         overlap_seconds=overlap_seconds, force=False, api=api, lock_wait_seconds=lock_wait_seconds,
+                         snapshot_name=f"final-{safe_name(dag_run_id)}.db",  # its own file: the gates read it
+                         files=files)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        target = resolve_target(conn, target_schema)
+    run = dict(target.run)
+    run.update({"dag_run_id": dag_run_id, "snapshot_path": summary["snapshot_path"] or run["snapshot_path"],
+                "resynced": True, "resync": {"resync_id": summary["resync_id"], "totals": summary["totals"]}})
+    return run
+
+
+def last_resync(conn: psycopg.Connection, run_id: str) -> dict | None:
+    """The latest re-sync of a migration run (None if none): validation's cue to use compare_ranges."""
+    row = conn.execute(
+        """SELECT resync_id, max(at), sum(inserted), sum(updated), sum(deleted), sum(rejected)
+             FROM pbm_meta.resyncs WHERE run_id = %s GROUP BY resync_id ORDER BY max(at) DESC LIMIT 1""",
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {"resync_id": row[0], "at": row[1].isoformat(), "inserted": int(row[2]), "updated": int(row[3]),
+            "deleted": int(row[4]), "rejected": int(row[5])}
