@@ -73,10 +73,10 @@ def _rows(sql: str, table: pa.Table, params: list | None = None) -> np.ndarray:
     con = duck()
     con.register("pbm_sum", table)
     try:
-        (values,) = con.execute(sql, params or []).fetchnumpy().values()
+        values = con.sql(sql, params=params or None).to_arrow_table().column(0)
     finally:
         con.unregister("pbm_sum")
-    return np.asarray(values, dtype=np.uint64)
+    return values.to_numpy().astype(np.uint64, copy=False)  # through Arrow: fetchnumpy imports pandas
 
 
 def row_digests(columns: list[tuple[pa.Array, str]]) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import pyarrow as pa
 
@@ -81,8 +82,9 @@ def _sql_expr(col: str, cls: str) -> tuple[str, str]:
             f"{t} NOT IN ('text', 'integer', 'null')")
 
 
-def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS
-                  ) -> Iterator[Chunk]:
+def sqlite_chunks(source: SqliteSource, table: Table, lo: str | None, hi: str | None,
+                  chunk_rows: int = CHUNK_ROWS, *, where: tuple[str, tuple] | None = None) -> Iterator[Chunk]:
+    """Rows with ids in [lo, hi], or those `where` (an SQL condition and its args) selects."""
     import adbc_driver_sqlite.dbapi as adbc
 
     coll = table.collection
@@ -92,9 +94,13 @@ def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_ro
         exprs.append(f"{value} AS c{pos}")
         odd.append(f"({cond})")
     exprs.append(f"({' OR '.join(odd) or '0'}) AS odd")
-    where, args = _range(lo, hi)
-    hint = " NOT INDEXED" if where and source._share(coll, where, args) >= SCAN_SHARE else ""
-    sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)}{hint}{where}"
+    if where is not None:
+        sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)} WHERE {where[0]}"
+        args = where[1]
+    else:
+        cond, args = _range(lo, hi)
+        hint = " NOT INDEXED" if cond and source._share(coll, cond, args) >= SCAN_SHARE else ""
+        sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)}{hint}{cond}"
     raw_sql = f"{select_sql(coll)} WHERE rowid = ?"
 
     def raw_of(rowids: pa.Array) -> Callable[[list[int]], list[tuple]]:
@@ -185,6 +191,46 @@ def _tuple_chunk(buf: list[tuple], fields: list[tuple[int, Field]]) -> Chunk:
     batch = pa.RecordBatch.from_arrays([*arrays, pa.array(odd, pa.bool_())], [*names, "odd"])
     kept = list(buf)
     return Chunk(batch, lambda indices: [kept[i] for i in indices])
+
+
+def id_chunks(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
+    """Every id of the collection in byte order, exactly `n` to a chunk but the last (the
+    re-sync's walk): a snapshot's primary key index read by ADBC, else `Source.ids`."""
+    if not isinstance(source, SqliteSource):
+        it = source.ids(table.collection)
+        while part := list(islice(it, n)):
+            yield pa.array(part, pa.string())
+        return
+    import adbc_driver_sqlite.dbapi as adbc
+
+    conn = adbc.connect(readonly_uri(source.path))
+    try:
+        cur = conn.cursor()
+        cur.execute("PRAGMA query_only = ON")
+        cur.execute(f"SELECT id FROM {qi(table.collection.name)} ORDER BY id")
+        pending: list[pa.Array] = []
+        held = 0
+        for rb in cur.fetch_record_batch():
+            pending.append(rb.column(0).cast(pa.string()))
+            held += rb.num_rows
+            while held >= n:
+                ids = pa.concat_arrays(pending)
+                yield ids.slice(0, n)
+                pending, held = [ids.slice(n)], held - n
+        if held:
+            yield pa.concat_arrays(pending)
+        cur.close()
+    finally:
+        conn.close()
+
+
+def changed_chunks(source: Source, table: Table, field: str, since: str) -> Iterator[Chunk]:
+    """Rows whose `field` (an autodate) is >= `since`: the re-sync's changed rows. A snapshot is
+    scanned by ADBC like a load batch (PocketBase keeps no index on `updated`)."""
+    if isinstance(source, SqliteSource):
+        return sqlite_chunks(source, table, None, None, where=(f"{qi(table.collection.field(field).name)} >= ?",
+                                                               (since,)))
+    return tuple_chunks(source.rows_since(table.collection, field, since), table)
 
 
 def chunks(source: Source, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Chunk]:

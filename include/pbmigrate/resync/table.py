@@ -75,9 +75,15 @@ def range_where(col: str, after: str | None, upto: str | None) -> str:
     return " AND ".join(parts) or "true"
 
 
-def _ids_digest(ids: list[str]) -> str:
-    """md5 of ids length-prefixed in order: what `_target_ids_hash` computes in SQL."""
-    return md5("".join([f"{len(i)}:{i}" for i in ids]).encode()).hexdigest()
+def ids_digest(ids: pa.Array) -> str:
+    """md5 of ids length-prefixed in order (`len:id`, no separator): what `_target_ids_hash`
+    computes in SQL. Arrow joins them; the joined array's data buffer is the md5 input."""
+    if not len(ids):
+        return md5(b"").hexdigest()
+    joined = pc.binary_join_element_wise(pc.cast(pc.utf8_length(ids), pa.string()), ids, ":")
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset:joined.offset + len(joined) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    return md5(joined.buffers()[2].slice(start, end - start)).hexdigest()
 
 
 class TableSync:
@@ -361,9 +367,12 @@ class TableSync:
     def _target_ids_hash(self, after: str | None, upto: str | None) -> tuple[int, str]:
         """Count and md5 of a range's ids (length-prefixed, in C order): 40 bytes instead of the ids."""
         where = range_where("id", after, upto)
+        # Sorted in a subquery, not by the aggregate's ORDER BY, which sorts again what the primary
+        # key's index already gives in order (2.4x slower here). Should PostgreSQL ever feed the
+        # aggregate out of order, the digests differ and the range is compared id by id: slower, as exact.
         n, digest = self.conn.execute(
-            f"SELECT count(*), md5(coalesce(string_agg(length(id) || ':' || id, '' ORDER BY id), '')) "
-            f"FROM {self.t} WHERE {where}", {"after": after, "upto": upto}).fetchone()
+            f"SELECT count(*), md5(coalesce(string_agg(length(id) || ':' || id, ''), '')) "
+            f"FROM (SELECT id FROM {self.t} WHERE {where} ORDER BY id) q", {"after": after, "upto": upto}).fetchone()
         return n, digest
 
     def target_tail(self, after: str | None) -> Iterator[list[str]]:
@@ -393,14 +402,16 @@ class TableSync:
     def walk_ids(self, source: Source, range_rows: int) -> None:
         """Compare both id sets range by range: extra target ids are deletes, missing ones are copied."""
         after = None
-        for chunk in reads.id_chunks(source, self.table, range_rows):
-            upto = chunk[-1]
+        for ids in reads.id_chunks(source, self.table, range_rows):
+            upto = ids[-1].as_py()
             self.result.ranges_compared += 1
-            self._note_rejected(chunk)
+            if self.rejected:
+                self._note_rejected(ids.to_pylist())
             n, digest = self._target_ids_hash(after, upto)
-            if n == len(chunk) and digest == _ids_digest(chunk):
+            if n == len(ids) and digest == ids_digest(ids):
                 after = upto
                 continue
+            chunk = ids.to_pylist()
             target = self._target_ids(after, upto)
             if target != chunk:
                 src, tgt = set(chunk), set(target)
