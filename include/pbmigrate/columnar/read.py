@@ -10,9 +10,12 @@ for the per-row converters. API pages (and any tuple source) are classified the 
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Generic, TypeVar
 
 import pyarrow as pa
 
@@ -23,6 +26,8 @@ from pbmigrate.sources import Source
 from pbmigrate.sources.sqlite import SCAN_SHARE, SqliteSource, _range, qi, select_sql
 
 CHUNK_ROWS = 16_384  # rows per record batch: memory is bounded by this, not by the batch
+AHEAD = 2  # chunks a background read may hold before its consumer takes them
+T = TypeVar("T")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -193,14 +198,82 @@ def _tuple_chunk(buf: list[tuple], fields: list[tuple[int, Field]]) -> Chunk:
     return Chunk(batch, lambda indices: [kept[i] for i in indices])
 
 
+class Ahead(Generic[T]):
+    """An ADBC read running in its own thread from creation, at most AHEAD items ahead.
+
+    The re-sync alternates between reading the snapshot and waiting on PostgreSQL; with two cores
+    both can run at once. Only reads with their own ADBC connection run here (a sqlite3
+    connection must not be shared between threads), and nothing in them uses DuckDB. `close`
+    stops the thread and closes its connection, also when the consumer gave up early.
+    """
+
+    _DONE = object()
+
+    def __init__(self, make: Callable[[], Iterator[T]]):
+        self._q: queue.Queue = queue.Queue(maxsize=AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make,), name="pbm-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[], Iterator[T]]) -> None:
+        it = make()
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Ahead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._q.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def id_chunks(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
     """Every id of the collection in byte order, exactly `n` to a chunk but the last (the
-    re-sync's walk): a snapshot's primary key index read by ADBC, else `Source.ids`."""
+    re-sync's walk): a snapshot's primary key index read by ADBC, ahead of its consumer, else
+    `Source.ids`."""
     if not isinstance(source, SqliteSource):
-        it = source.ids(table.collection)
-        while part := list(islice(it, n)):
-            yield pa.array(part, pa.string())
-        return
+        return _listed_ids(source, table, n)
+    return Ahead(lambda: _sqlite_ids(source, table, n))
+
+
+def _listed_ids(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
+    it = source.ids(table.collection)
+    while part := list(islice(it, n)):
+        yield pa.array(part, pa.string())
+
+
+def _sqlite_ids(source: SqliteSource, table: Table, n: int) -> Iterator[pa.Array]:
     import adbc_driver_sqlite.dbapi as adbc
 
     conn = adbc.connect(readonly_uri(source.path))
@@ -226,10 +299,11 @@ def id_chunks(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
 
 def changed_chunks(source: Source, table: Table, field: str, since: str) -> Iterator[Chunk]:
     """Rows whose `field` (an autodate) is >= `since`: the re-sync's changed rows. A snapshot is
-    scanned by ADBC like a load batch (PocketBase keeps no index on `updated`)."""
+    scanned by ADBC like a load batch (PocketBase keeps no index on `updated`), in a thread that
+    starts at once: create the iterator before the work it should overlap."""
     if isinstance(source, SqliteSource):
-        return sqlite_chunks(source, table, None, None, where=(f"{qi(table.collection.field(field).name)} >= ?",
-                                                               (since,)))
+        where = (f"{qi(table.collection.field(field).name)} >= ?", (since,))
+        return Ahead(lambda: sqlite_chunks(source, table, None, None, where=where))
     return tuple_chunks(source.rows_since(table.collection, field, since), table)
 
 

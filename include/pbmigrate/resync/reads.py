@@ -22,7 +22,15 @@ def pb_timestamp(dt: datetime) -> str:
     return f"{dt:%Y-%m-%d %H:%M:%S}.{dt.microsecond // 1000:03d}Z"
 
 
-__all__ = ["changed_chunks", "chunks_by_ids", "chunks_referencing", "id_chunks", "ordered_chunks", "pb_timestamp"]
+__all__ = ["changed_chunks", "chunks_by_ids", "chunks_referencing", "close", "id_chunks", "ordered_chunks",
+           "pb_timestamp"]
+
+
+def close(it: Iterable | None) -> None:
+    """Stop a read early (a background read's thread and connection included)."""
+    stop = getattr(it, "close", None)
+    if stop is not None:
+        stop()
 
 
 def ordered_chunks(source: Source, table: Table, n: int) -> Iterator[Chunk]:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from psycopg import errors as pgerrors
 
 from pbmigrate import files as files_sync
 from pbmigrate import metrics
+from pbmigrate.columnar.read import Chunk
 from pbmigrate.convert import parse_datetime
 from pbmigrate.errors import ParamError, PbmError
 from pbmigrate.guard import target_lock
@@ -76,23 +78,38 @@ def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTar
         conn.execute("SET CONSTRAINTS ALL DEFERRED")
         run = Cascade(conn, target.schema, target.run_id, orphans, source.has_secrets, plan)
         marks: dict[str, datetime | None] = {}
-        for t in order(plan):
-            t0 = time.monotonic()
-            sync = TableSync(run, t)
-            run.syncs[t.name] = sync
-            if sync.result.mode == "updated":
-                mark, since = _initial_since(conn, sync, target, overlap)
-                sync.result.since = since or None
-                sync.apply(reads.changed_chunks(source, t, sync.updated_field, since), track_updated=True)
-                sync.walk_ids(source, range_rows)
-                new = parse_datetime(sync.max_updated) if sync.max_updated else None
-                marks[sync.name] = max(d for d in (mark, new) if d is not None) if (mark or new) else None
-            else:
-                for _ in compare(sync, source, range_rows, repair=True):
-                    pass
-                marks[sync.name] = None
-            sync.finish_rejects()
-            sync.result.seconds = time.monotonic() - t0
+        syncs = [TableSync(run, t) for t in order(plan)]
+        run.syncs.update({sync.table.name: sync for sync in syncs})
+        since = {sync.name: _initial_since(conn, sync, target, overlap) for sync in syncs
+                 if sync.result.mode == "updated"}
+
+        def changed(i: int) -> Iterator[Chunk] | None:
+            """The changed rows of the i-th table; a snapshot starts reading them at once."""
+            if i >= len(syncs) or syncs[i].result.mode != "updated":
+                return None
+            sync = syncs[i]
+            return reads.changed_chunks(source, sync.table, sync.updated_field or "", since[sync.name][1])
+
+        ahead = changed(0)
+        try:
+            for i, sync in enumerate(syncs):
+                t0 = time.monotonic()
+                if sync.result.mode == "updated":
+                    mark, sync.result.since = since[sync.name][0], since[sync.name][1] or None
+                    sync.apply(ahead or (), track_updated=True)
+                    ahead = changed(i + 1)  # read while this table's ids are walked
+                    sync.walk_ids(source, range_rows)
+                    new = parse_datetime(sync.max_updated) if sync.max_updated else None
+                    marks[sync.name] = max(d for d in (mark, new) if d is not None) if (mark or new) else None
+                else:
+                    ahead = changed(i + 1)
+                    for _ in compare(sync, source, range_rows, repair=True):
+                        pass
+                    marks[sync.name] = None
+                sync.finish_rejects()
+                sync.result.seconds = time.monotonic() - t0
+        finally:
+            reads.close(ahead)
         t0 = time.monotonic()
         run.revive_children(source)
         run.drain()

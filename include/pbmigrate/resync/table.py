@@ -401,8 +401,15 @@ class TableSync:
 
     def walk_ids(self, source: Source, range_rows: int) -> None:
         """Compare both id sets range by range: extra target ids are deletes, missing ones are copied."""
+        walk = reads.id_chunks(source, self.table, range_rows)
+        try:
+            self._walk(source, walk)
+        finally:
+            reads.close(walk)
+
+    def _walk(self, source: Source, walk: Iterable[pa.Array]) -> None:
         after = None
-        for ids in reads.id_chunks(source, self.table, range_rows):
+        for ids in walk:
             upto = ids[-1].as_py()
             self.result.ranges_compared += 1
             if self.rejected:
