@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import psycopg
 from psycopg import errors as pgerrors
 
@@ -44,7 +46,7 @@ from pbmigrate.resync.target import (
     recorded_params,
     resolve_target,
 )
-from pbmigrate.snapshot import resolve_data_db, take_snapshot
+from pbmigrate.snapshot import resolve_data_db, take_snapshot, verify_snapshot
 from pbmigrate.sources import Source, open_source
 
 log = logging.getLogger("pbmigrate.resync")
@@ -69,8 +71,10 @@ def _initial_since(conn: psycopg.Connection, sync: TableSync, target: SyncTarget
 
 def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTarget, *, resync_id: str,
            overlap_seconds: float = DEFAULT_OVERLAP_SECONDS, range_rows: int = RANGE_ROWS,
-           files: dict | None = None) -> list[CollectionResult]:
-    """Bring `target.schema` to what `source` holds, in one transaction; figures per collection."""
+           files: dict | None = None, before_commit: Callable[[], None] | None = None) -> list[CollectionResult]:
+    """Bring `target.schema` to what `source` holds, in one transaction; figures per collection.
+
+    `before_commit` runs last inside the transaction: raising there writes nothing."""
     overlap = timedelta(seconds=float(overlap_seconds))
     orphans = target.params.get("orphans", "reject")
     started = time.monotonic()
@@ -146,9 +150,37 @@ def resync(conn: psycopg.Connection, source: Source, plan: Plan, target: SyncTar
                 (resync_id, target.run_id, target.target_schema, target.schema, r.collection, r.table, r.mode,
                  r.rows_read, r.inserted, r.updated, r.deleted, r.rejected, r.ranges_compared, r.ranges_recopied,
                  marks.get(r.collection), r.seconds))
+        if before_commit is not None:
+            before_commit()
     files_sync.delete_objects(doomed_files, target.run, files)
     log.info("re-sync %s of %s: %.2f s", resync_id, target.schema, time.monotonic() - started)
     return results
+
+
+class _Beside:
+    """A check run in a thread beside the re-sync (the snapshot's quick_check, reading its own
+    connection): `wait` joins it and raises what it raised."""
+
+    def __init__(self, check: Callable[[], object]):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(check,), name="pbm-beside", daemon=True)
+        self.thread.start()
+
+    def _run(self, check: Callable[[], object]) -> None:
+        try:
+            check()
+        except BaseException as exc:  # handed to `wait`
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _warm_duckdb() -> None:
+    """DuckDB's first result imports pandas (half a second here): pay it while the snapshot is taken."""
+    duckdb.connect().sql("SELECT 1").to_arrow_table()
 
 
 def resync_dir(target_schema: str) -> Path:
@@ -185,8 +217,11 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
         if source_path:  # files are read from the storage beside the data.db this re-sync reads
             target.run["storage_path"] = str(resolve_data_db(source_path).parent / "storage")
         snapshot_path, snapshot_at = None, None
+        warm = _Beside(_warm_duckdb)
+        verified: _Beside | None = None
         if source_path:
-            snap = take_snapshot(source_path, resync_dir(target_schema) / snapshot_name)
+            snap = take_snapshot(source_path, resync_dir(target_schema) / snapshot_name, verify=False)
+            verified = _Beside(lambda: verify_snapshot(snap.path))  # must pass before the commit
             snapshot_path, snapshot_at = snap.path, datetime.now(UTC)
             log.info("snapshot of %s: %s (%s bytes, %.2f s)", snap.source, snap.path, snap.bytes, snap.seconds)
             source = open_source(snap.path)
@@ -202,8 +237,16 @@ def run_resync(*, source_path: str | None, target_schema: str, mapping: str | No
                               has_secrets=source.has_secrets)
             check_schema(conn, target.schema, plan)
             results = resync(conn, source, plan, target, resync_id=resync_id, overlap_seconds=overlap_seconds,
-                             range_rows=range_rows, files=files)
+                             range_rows=range_rows, files=files,
+                             before_commit=verified.wait if verified is not None else None)
+        except Exception:
+            if verified is not None:
+                verified.wait()  # a snapshot that failed its check explains any failure best
+            raise
         finally:
+            for beside in (warm, verified):
+                if beside is not None:
+                    beside.thread.join()
             with contextlib.suppress(sqlite3.Error, OSError):
                 source.close()
     for r in results:
