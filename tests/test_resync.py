@@ -299,6 +299,27 @@ def test_unique_values_moving_between_records_converge(env: Env) -> None:
     assert env.differences() == {}
 
 
+def test_api_mode_resync_reads_changes_through_the_server(env: Env) -> None:
+    """Without a data.db the server filters the changed rows and returns missing ones by id; the
+    load's column converters take the pages as they take a snapshot's rows."""
+    api = {"url": env.pb.url, "email": EMAIL, "password": PASSWORD}
+    new_author = env.create("authors", {"name": "through the api", "score": 7})
+    env.update("posts", env.posts[4], {"title": "paged", "tags": [env.tags[2], env.tags[8]]})
+    env.update("tags", env.tags[3], {"label": "relabelled"})
+    env.delete("posts", env.posts[5])
+
+    summary = env.resync(source_path="", api=api)
+
+    assert summary["snapshot_path"] is None
+    assert _figures(summary, "authors") == (1, 0, 0)
+    assert _figures(summary, "posts") == (0, 1, 1)
+    assert _figures(summary, "tags") == (0, 1, 0)
+    assert env.query("SELECT target_id FROM {s}.posts_tags WHERE owner_id = %s ORDER BY position",
+                     (env.posts[4],)) == [(env.tags[2],), (env.tags[8],)]
+    assert env.query("SELECT score FROM {s}.authors WHERE id = %s", (new_author,)) == [(7.0,)]
+    assert env.differences() == {}
+
+
 def test_resync_after_cutover_refuses_unless_forced(env: Env) -> None:
     with psycopg.connect(env.pg_url, autocommit=True) as conn:  # what the cut-over leaves behind
         conn.execute(f'ALTER SCHEMA "{env.target}_staging" RENAME TO "{env.target}"')
