@@ -418,17 +418,15 @@ class TableSync:
             if n == len(ids) and digest == ids_digest(ids):
                 after = upto
                 continue
-            chunk = ids.to_pylist()
-            target = self._target_ids(after, upto)
-            if target != chunk:
-                src, tgt = set(chunk), set(target)
-                extra = sorted(tgt - src)
-                if extra:
-                    self.run.doom(self.table.name, extra, "deleted")
-                    self.result.deleted += len(extra)
-                missing = sorted(rid for rid in src - tgt if not self.settled_reject(rid, retry_duplicates=True))
-                if missing:
-                    self.apply(reads.chunks_by_ids(source, self.table, missing))
+            target = pa.array(self._target_ids(after, upto), pa.string())
+            extra = target.filter(pc.invert(pc.is_in(target, value_set=ids))).to_pylist()  # both in id order
+            if extra:
+                self.run.doom(self.table.name, extra, "deleted")
+                self.result.deleted += len(extra)
+            missing = [rid for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=target))).to_pylist()
+                       if not self.settled_reject(rid, retry_duplicates=True)]
+            if missing:
+                self.apply(reads.chunks_by_ids(source, self.table, missing))
             after = upto
         for extra in self.target_tail(after):
             self.run.doom(self.table.name, extra, "deleted")
