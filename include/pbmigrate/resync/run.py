@@ -194,7 +194,7 @@ def vacuum_unvisited(conn: psycopg.Connection, schema: str, plan: Plan) -> list[
     """
     rows = conn.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relpages > 0 AND c.relallvisible < c.relpages / 2",
+        "WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relpages > 0 AND c.relallvisible * 2 < c.relpages",
         (schema, [t.name for t in plan.tables])).fetchall()
     done = []
     for (name,) in rows:
