@@ -1,5 +1,5 @@
 """How long a re-sync takes on the 2,000,000-row game sample: with 1% of the rows changed, and again
-with nothing changed (targets: under 20 s and under 10 s on the 2-core reference machine).
+with nothing changed (targets: at most 10 s each on the 2-core reference machine, issue 16).
 
     python bench/resync.py                              # builds the sample (about 90 s), loads it, measures
     python bench/resync.py --pb-data /path/to/pb_data   # reuse a built sample (it is copied, never changed)
@@ -11,6 +11,10 @@ and the game mapping, then change 1% of the rows in the copy as PocketBase would
 60% updates with `updated` moved to now, 20% inserts, 20% deletes of leaf records), re-sync, and
 re-sync again. Each re-sync is the whole task: snapshot, compare, write, commit. Figures go to
 stdout and to bench/out/resync.json.
+
+Beside the wall time each re-sync reports the CPU seconds it used: this process's and those of
+its PostgreSQL backends (read from /proc while it runs, so only with a local server). On a shared
+machine wall time follows the neighbours; the CPU figures say what the re-sync itself cost.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +35,7 @@ from pathlib import Path
 import psycopg
 
 from pbdev.sample import build_sample
-from pbmigrate import sync, tasks
+from pbmigrate import resync, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_URL = os.environ.get("PBM_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -49,7 +54,7 @@ ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def pb_now() -> str:
-    return sync.pb_timestamp(datetime.now(UTC))
+    return resync.pb_timestamp(datetime.now(UTC))
 
 
 def change_rows(data_db: Path, total: int, share: float, seed: int = 11) -> dict[str, dict[str, int]]:
@@ -106,16 +111,54 @@ def full_load(pb_data: Path, pg_url: str, batch_size: int) -> dict:
     return run
 
 
-def resync(pb_data: Path, pg_url: str, label: str) -> dict:
-    started = time.monotonic()
-    summary = sync.run_resync(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml", collections=[],
-                              pg_url=pg_url, resync_id=f"bench-{label}-{int(time.time())}")
+class BackendCpu:
+    """CPU seconds of a database's other PostgreSQL backends while the block runs (/proc, local server)."""
+
+    def __init__(self, pg_url: str):
+        self.pg_url, self.seen, self.stop = pg_url, {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND pid <> pg_backend_pid()").fetchall():
+                    try:
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self.seen[pid] = (int(fields[11]) + int(fields[12])) / tick
+                    except (OSError, IndexError, ValueError):
+                        pass
+                time.sleep(0.05)
+
+    def __enter__(self) -> BackendCpu:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seen.values())
+
+
+def timed_resync(pb_data: Path, pg_url: str, label: str) -> dict:
+    started, cpu = time.monotonic(), os.times()
+    with BackendCpu(pg_url) as pg:
+        summary = resync.run_resync(source_path=str(pb_data), target_schema=TARGET, mapping="game.yaml",
+                                    collections=[], pg_url=pg_url, resync_id=f"bench-{label}-{int(time.time())}")
     seconds = time.monotonic() - started
-    print(f"re-sync, {label}: {seconds:.2f} s  totals {summary['totals']}")
+    done = os.times()
+    own = (done.user - cpu.user) + (done.system - cpu.system)
+    print(f"re-sync, {label}: {seconds:.2f} s  (CPU {own:.2f} s here + {pg.seconds:.2f} s PostgreSQL)  "
+          f"totals {summary['totals']}")
     for name, c in summary["collections"].items():
         print(f"    {name:<14} ins {c['inserted']:>6} upd {c['updated']:>6} del {c['deleted']:>6} "
               f"read {c['rows_read']:>6}  {c['seconds']:.2f} s")
-    return {"seconds": round(seconds, 2), "totals": summary["totals"],
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(own, 2), "postgres_cpu_seconds": round(pg.seconds, 2),
+            "totals": summary["totals"],
             "collections": {k: {f: v[f] for f in ("inserted", "updated", "deleted", "rows_read", "seconds")}
                             for k, v in summary["collections"].items()}}
 
@@ -158,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         figures["full_load_seconds"] = round(time.monotonic() - t, 1)
         print(f"full load of {total:,} rows: {figures['full_load_seconds']} s")
 
-        first = resync(pb_data, pg_url, "nothing changed since the full load")
+        first = timed_resync(pb_data, pg_url, "nothing changed since the full load")
         figures["changes"] = change_rows(pb_data / "data.db", total, args.changed)
         print(f"changed {int(total * args.changed):,} rows: {figures['changes']}")
-        figures["resync_changed"] = resync(pb_data, pg_url, f"{args.changed:.0%} changed")
-        figures["resync_unchanged"] = resync(pb_data, pg_url, "nothing changed")
+        figures["resync_changed"] = timed_resync(pb_data, pg_url, f"{args.changed:.0%} changed")
+        figures["resync_unchanged"] = timed_resync(pb_data, pg_url, "nothing changed")
         figures["resync_first"] = first
-        ok_changed = figures["resync_changed"]["seconds"] < 20
-        ok_unchanged = figures["resync_unchanged"]["seconds"] < 10
+        ok_changed = figures["resync_changed"]["seconds"] <= 10
+        ok_unchanged = figures["resync_unchanged"]["seconds"] <= 10
         figures["targets_met"] = ok_changed and ok_unchanged
-        print(f"targets: {args.changed:.0%} changed < 20 s: {'yes' if ok_changed else 'NO'}; "
-              f"nothing changed < 10 s: {'yes' if ok_unchanged else 'NO'}")
+        print(f"targets: {args.changed:.0%} changed <= 10 s: {'yes' if ok_changed else 'NO'}; "
+              f"nothing changed <= 10 s: {'yes' if ok_unchanged else 'NO'}")
         out = ROOT / "bench" / "out"
         out.mkdir(parents=True, exist_ok=True)
         (out / "resync.json").write_text(json.dumps(figures, indent=2))

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from pbmigrate import files as files_stage
-from pbmigrate import sync
+from pbmigrate import resync as resync_stage
 from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.guard import target_lock
 from pbmigrate.cache import warmup
@@ -338,14 +338,22 @@ def cutover_action(action: str, target_schema: str, pg_url: str, redis_url: str 
     return promote.run_action(action, target_schema, pg_url, redis_url, reason)
 
 
-def resync(**kwargs: Any) -> dict:
-    """`pocketbase_resync`: one incremental re-sync (`sync.run_resync`'s keyword arguments)."""
-    return sync.run_resync(**kwargs)
+def resync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+           overlap_seconds: float, force: bool, pg_url: str, resync_id: str, api: dict | None = None,
+           files: dict | None = None) -> dict:
+    """`pocketbase_resync`: one incremental re-sync of the target's latest loaded run."""
+    return resync_stage.run_resync(source_path=source_path, target_schema=target_schema, mapping=mapping,
+                                   collections=collections, overlap_seconds=overlap_seconds, force=force,
+                                   pg_url=pg_url, resync_id=resync_id, api=api, files=files)
 
 
-def final_sync(**kwargs: Any) -> dict:
+def final_sync(*, source_path: str | None, target_schema: str, mapping: str | None, collections: list[str] | None,
+               overlap_seconds: float, pg_url: str, dag_run_id: str, api: dict | None = None,
+               files: dict | None = None) -> dict:
     """mode=final: the last re-sync with PocketBase frozen; returns the run context for the gates."""
-    return sync.final_sync(**kwargs)
+    return resync_stage.final_sync(source_path=source_path, target_schema=target_schema, mapping=mapping,
+                                   collections=collections, overlap_seconds=overlap_seconds, pg_url=pg_url,
+                                   dag_run_id=dag_run_id, api=api, files=files)
 
 
-TargetCutOver = sync.TargetCutOver  # a scheduled re-sync after the cut-over: skipped, not failed
+TargetCutOver = resync_stage.TargetCutOver  # a scheduled re-sync after the cut-over: skipped, not failed

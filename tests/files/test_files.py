@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from pbdev.pbserver import PocketBaseServer, check
-from pbmigrate import context, files, sync, tasks
+from pbmigrate import context, files, resync, tasks
 from pbmigrate.audit import meta
 from pbmigrate.cutover import promote
 from pbmigrate.validate import quality, report
@@ -315,7 +315,7 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
         check(pb.admin.delete(f"/api/collections/uploads/records/{gone}"))
         new = pb.list_all("uploads", filter="title='avatar only'")[0]["avatar"]
     assert new != old
-    summary = sync.run_resync(source_path=str(pb_data), target_schema="fr", mapping="", collections=["uploads"],
+    summary = resync.run_resync(source_path=str(pb_data), target_schema="fr", mapping="", collections=["uploads"],
                               pg_url=fresh_pg_url, resync_id="resync-1", overlap_seconds=3600)
     assert summary["totals"]["updated"] == 1 and summary["totals"]["deleted"] == 1
     assert (root / f"uploads/{rid}/{new}").read_bytes() == new_bytes
@@ -324,7 +324,7 @@ def test_resync_copies_a_file_replaced_through_the_api_and_removes_the_old_one(b
     assert not (root / f"uploads/{gone}/{gone_name}").exists()
     ok = file_check(run, fresh_pg_url, None)
     assert ok.success and ok.observed["verified"] == 44 and ok.observed["stale_ledger_rows"] == 0
-    again = sync.run_resync(source_path=str(pb_data), target_schema="fr", mapping="", collections=["uploads"],
+    again = resync.run_resync(source_path=str(pb_data), target_schema="fr", mapping="", collections=["uploads"],
                             pg_url=fresh_pg_url, resync_id="resync-2", overlap_seconds=3600)
     assert again["totals"] == {"inserted": 0, "updated": 0, "deleted": 0, "rejected": 0}
     # the pre-cut-over backup lists the files it covers

@@ -241,7 +241,7 @@ def test_resync_follows_a_file_replaced_in_pocketbases_bucket_through_the_api(bu
     if built["version"] != "0.40.6" or built["encrypted"]:
         pytest.skip("one version is enough for the re-sync")
     from pbdev.pbserver import check
-    from pbmigrate import sync
+    from pbmigrate import resync
 
     store = dir_store(tmp_path)
     monkeypatch.setenv("PBM_FILES_URL", store["url"])  # the re-sync finds the store as the DAG gives it
@@ -258,8 +258,8 @@ def test_resync_follows_a_file_replaced_in_pocketbases_bucket_through_the_api(bu
                              files=[("gallery", ("new ü.txt", new_bytes, "text/plain"))]))
         (new,) = pb.list_all("uploads", filter="title='bulk 0'")[0]["gallery"]
     (old,) = rec["gallery"]
-    summary = sync.run_resync(source_path=str(pb_data), target_schema="s3r", mapping="", collections=["uploads"],
-                              pg_url=fresh_pg_url, resync_id="s3-resync", overlap_seconds=3600)
+    summary = resync.run_resync(source_path=str(pb_data), target_schema="s3r", mapping="", collections=["uploads"],
+                                pg_url=fresh_pg_url, resync_id="s3-resync", overlap_seconds=3600)
     assert summary["totals"]["updated"] == 1
     assert (root / f"uploads/{rec['id']}/{new}").read_bytes() == new_bytes  # read from the bucket
     assert not (root / f"uploads/{rec['id']}/{old}").exists()

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from pbdev.pbserver import PocketBaseServer, check
-from pbmigrate import sync, tasks
+from pbmigrate import resync, tasks
 from pbmigrate.plan.mapping import load_mapping
 from pbmigrate.plan.model import build_plan
 from pbmigrate.source.snapshot import take_snapshot
@@ -45,7 +45,7 @@ class Env:
                       "collections": [], "pg_url": self.pg_url, "resync_id": f"resync-{time.monotonic_ns()}",
                       "range_rows": 5}
         args.update(kwargs)
-        return sync.run_resync(**args)
+        return resync.run_resync(**args)
 
     def create(self, collection: str, data: dict) -> str:
         return self.pb.create_record(collection, data)["id"]
@@ -69,7 +69,7 @@ class Env:
             plan = build_plan(source.catalog(), load_mapping(""))
             with psycopg.connect(self.pg_url, autocommit=True) as conn:
                 for t in plan.tables:
-                    diffs = sync.compare_ranges(conn, source, t, schema or f"{self.target}_staging",
+                    diffs = resync.compare_ranges(conn, source, t, schema or f"{self.target}_staging",
                                                 run_id=self.run["run_id"], range_rows=5)
                     bad = [d.as_dict() for d in diffs if not d.equal]
                     if bad:
@@ -149,7 +149,7 @@ def test_inserts_updates_and_deletes_between_runs_all_arrive(env: Env) -> None:
     newest = env.pb.list_all("posts", sort="-updated")[0]["updated"]
     (mark,) = env.query("SELECT updated_at FROM pbm_meta.watermarks WHERE target_schema = %s AND collection = 'posts'",
                         (env.target,))[0]
-    assert sync.pb_timestamp(mark) == newest.replace("T", " ")
+    assert resync.pb_timestamp(mark) == newest.replace("T", " ")
 
 
 def test_collection_without_updated_converges_by_range_checksums(env: Env) -> None:
@@ -239,7 +239,7 @@ def test_rejected_rows_follow_the_full_load_rules_and_clear_when_fixed(env: Env)
     try:
         plan = build_plan(source.catalog(), load_mapping(""))
         with psycopg.connect(env.pg_url, autocommit=True) as conn:
-            posts = sync.compare_collection(conn, source, plan.table_for("posts"), f"{env.target}_staging",
+            posts = resync.compare_collection(conn, source, plan.table_for("posts"), f"{env.target}_staging",
                                             run_id=env.run["run_id"])
     finally:
         source.close()
@@ -299,6 +299,37 @@ def test_unique_values_moving_between_records_converge(env: Env) -> None:
     assert env.differences() == {}
 
 
+def test_api_mode_resync_reads_changes_through_the_server(env: Env) -> None:
+    """Without a data.db the server filters the changed rows and returns missing ones by id; the
+    load's column converters take the pages as they take a snapshot's rows."""
+    api = {"url": env.pb.url, "email": EMAIL, "password": PASSWORD}
+    new_author = env.create("authors", {"name": "through the api", "score": 7})
+    env.update("posts", env.posts[4], {"title": "paged", "tags": [env.tags[2], env.tags[8]]})
+    env.update("tags", env.tags[3], {"label": "relabelled"})
+    env.delete("posts", env.posts[5])
+
+    summary = env.resync(source_path="", api=api)
+
+    assert summary["snapshot_path"] is None
+    assert _figures(summary, "authors") == (1, 0, 0)
+    assert _figures(summary, "posts") == (0, 1, 1)
+    assert _figures(summary, "tags") == (0, 1, 0)
+    assert env.query("SELECT target_id FROM {s}.posts_tags WHERE owner_id = %s ORDER BY position",
+                     (env.posts[4],)) == [(env.tags[2],), (env.tags[8],)]
+    assert env.query("SELECT score FROM {s}.authors WHERE id = %s", (new_author,)) == [(7.0,)]
+    assert env.differences() == {}
+
+
+def test_the_first_resync_vacuums_the_loaded_tables_so_the_walk_reads_the_index_only(env: Env) -> None:
+    """Every run hashes every id range; on a heap with its visibility map unset each id costs a
+    heap visit, and autovacuum may be off or behind after the bulk load."""
+    env.resync()
+
+    assert env.query("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                     "WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relallvisible < c.relpages",
+                     (f"{env.target}_staging", ["authors", "posts", "tags"])) == []
+
+
 def test_resync_after_cutover_refuses_unless_forced(env: Env) -> None:
     with psycopg.connect(env.pg_url, autocommit=True) as conn:  # what the cut-over leaves behind
         conn.execute(f'ALTER SCHEMA "{env.target}_staging" RENAME TO "{env.target}"')
@@ -307,7 +338,7 @@ def test_resync_after_cutover_refuses_unless_forced(env: Env) -> None:
                      "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
     env.update("authors", env.authors[3], {"score": -1})
 
-    with pytest.raises(sync.ResyncRefused, match=r"cut over to PostgreSQL.*no longer the source of truth"):
+    with pytest.raises(resync.ResyncRefused, match=r"cut over to PostgreSQL.*no longer the source of truth"):
         env.resync()
 
     forced = env.resync(force=True)
@@ -324,7 +355,7 @@ def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
         conn.execute("UPDATE pbm_meta.runs SET status = 'promoted' WHERE run_id = %s", (env.run["run_id"],))
         conn.execute("INSERT INTO pbm_meta.cutovers (run_id, target_schema, action, backend) "
                      "VALUES (%s, %s, 'cutover', 'postgres')", (env.run["run_id"], env.target))
-    with pytest.raises(sync.TargetCutOver):
+    with pytest.raises(resync.TargetCutOver):
         env.resync()
     params = tasks.run_params(source_path=str(env.pb_data), target_schema=env.target, mapping="", batch_size=8,
                                  collections=[], orphans="reject")
@@ -343,21 +374,21 @@ def test_a_migration_after_the_cut_over_can_be_resynced_again(env: Env) -> None:
 
 
 def test_resync_waits_for_a_migration_holding_the_target(env: Env) -> None:
-    with sync.target_lock(env.pg_url, env.target, shared=True, holder="pbmigrate migration"), \
-            pytest.raises(sync.TargetBusy, match="pbmigrate migration"):
+    with resync.target_lock(env.pg_url, env.target, shared=True, holder="pbmigrate migration"), \
+            pytest.raises(resync.TargetBusy, match="pbmigrate migration"):
         env.resync(lock_wait_seconds=0.5)
     assert env.resync()["totals"]["inserted"] == 0
 
 
 def test_resync_refuses_params_that_differ_from_the_migration(env: Env) -> None:
-    with pytest.raises(sync.ResyncRefused, match="param collections"):
+    with pytest.raises(resync.ResyncRefused, match="param collections"):
         env.resync(collections=["posts"])
 
 
 def test_final_sync_returns_the_run_for_the_gates(env: Env) -> None:
     env.update("posts", env.posts[7], {"title": "last words"})
 
-    run = sync.final_sync(source_path=str(env.pb_data), target_schema=env.target, mapping="", collections=[],
+    run = resync.final_sync(source_path=str(env.pb_data), target_schema=env.target, mapping="", collections=[],
                           pg_url=env.pg_url, dag_run_id="manual__final")
 
     assert run["run_id"] == env.run["run_id"] and run["resynced"] is True
@@ -365,7 +396,7 @@ def test_final_sync_returns_the_run_for_the_gates(env: Env) -> None:
     assert Path(run["snapshot_path"]).is_file() and run["snapshot_path"] != env.run["snapshot_path"]
     assert run["resync"]["totals"]["updated"] == 1
     with psycopg.connect(env.pg_url, autocommit=True) as conn:
-        assert sync.last_resync(conn, env.run["run_id"])["resync_id"] == "final:manual__final"
+        assert resync.last_resync(conn, env.run["run_id"])["resync_id"] == "final:manual__final"
 
 
 DAG_RUN = """

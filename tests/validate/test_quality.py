@@ -169,13 +169,13 @@ def test_table_specs_escape_braces_for_gx_and_quote_identifiers(fixture_022):
 
 def test_after_a_final_resync_tables_are_compared_with_the_new_snapshot_not_the_stale_ledger(
         fresh_pg_url, fixture_022):
-    from pbmigrate import sync
+    from pbmigrate import resync
 
     migrate(fixture_022, fresh_pg_url, "fx", "full")
     with sqlite3.connect(fixture_022 / "data.db") as raw:  # PocketBase kept taking writes
         raw.execute("UPDATE demo2 SET title = 'renamed', updated = '2030-01-01 00:00:00.000Z' "
                     "WHERE id = 'achvryl401bhse3'")
-    run = sync.final_sync(source_path=str(fixture_022), target_schema="fx", mapping="", collections=None,
+    run = resync.final_sync(source_path=str(fixture_022), target_schema="fx", mapping="", collections=None,
                           pg_url=fresh_pg_url, dag_run_id="final")
 
     summary = quality.validate_run(run, fresh_pg_url)

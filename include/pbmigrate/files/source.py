@@ -191,7 +191,7 @@ Storage = LocalStorage | ApiStorage | S3Storage
 def open_storage(run: dict, source: Any) -> Storage:
     """Where this run's source keeps its files: the API in API mode; in SQLite mode the bucket
     PocketBase's settings enable, else the storage folder beside data.db."""
-    if run["source_kind"] != "sqlite":
+    if source.kind != "sqlite":  # the source read now: a re-sync may read through the API a run loaded from SQLite
         return ApiStorage(source)
     s3 = s3_settings(read_settings(source.query))
     if s3 is not None:

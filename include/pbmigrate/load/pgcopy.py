@@ -16,7 +16,6 @@ import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from pbmigrate.pgsql import qi
 from pbmigrate.plan.model import Table
 
 BINARY_TYPES = frozenset({"text", "bigint", "double precision", "boolean", "timestamptz", "text[]", "jsonb", "point"})
@@ -63,19 +62,6 @@ def register(conn: psycopg.Connection) -> None:
         conn.adapters.register_dumper(None, type(f"{dumper.__name__}Oid", (dumper,), {"oid": oid}))
 
 
-def copy_sql(schema: str, table: Table, binary: bool) -> str:
-    cols = ", ".join(qi(c) for c in table.column_names)
-    return f"COPY {qi(schema)}.{qi(table.name)} ({cols}) FROM STDIN" + (" (FORMAT BINARY)" if binary else "")
-
-
 def can_use_binary(table: Table) -> bool:
     """Mapping type overrides (numeric, citext...) fall back to text COPY."""
     return all(c.type in BINARY_TYPES for c in table.columns)
-
-
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def text_field(value: str) -> str:
-    """One field of a text-format COPY line."""
-    return value.translate(_ESCAPES)

@@ -9,7 +9,7 @@ serves both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,19 @@ class Source(Protocol):
              ordered: bool = True) -> Iterator[tuple]:
         """Rows with ids in [lo, hi]; in id order unless `ordered=False` (the loader's COPY and
         checksum do not care, and an unordered read can be much faster)."""
+        ...
+
+    def rows_since(self, coll: Collection, field: str, since: str) -> Iterator[tuple]:
+        """Rows whose `field` (an autodate, PocketBase's text form) is >= `since`, in no set order:
+        what a re-sync reads as changed."""
+        ...
+
+    def rows_by_ids(self, coll: Collection, ids: Iterable[str]) -> Iterator[tuple]:
+        """The rows with these ids (missing ones are absent), in no set order."""
+        ...
+
+    def rows_referencing(self, coll: Collection, field: str, ids: Iterable[str]) -> Iterator[tuple]:
+        """Rows whose relation `field` holds one of `ids` (any item of a multiple relation)."""
         ...
 
     def close(self) -> None: ...

@@ -178,6 +178,19 @@ class ApiSource:
                                      lambda lit, part=part: "||".join(f"id={lit(r)}" for r in part)):
                 yield from map(convert, items)
 
+    def rows_referencing(self, coll: Collection, field: str, ids: Iterable[str]) -> Iterator[tuple]:
+        """Read in full and filtered here: filter syntax for multiple relations differs across versions."""
+        f = coll.field(field)
+        pos = coll.fields.index(f)
+        wanted = set(ids)
+        for row in self.rows(coll, ordered=False):
+            value = row[pos]
+            if f.multi and isinstance(value, str) and value.startswith("["):
+                if wanted.intersection(json.loads(value)):
+                    yield row
+            elif value in wanted:
+                yield row
+
     def close(self) -> None:
         self.http.close()
 

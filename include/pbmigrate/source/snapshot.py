@@ -73,11 +73,12 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
     return conn
 
 
-def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike) -> Snapshot:
+def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike, *, verify: bool = True) -> Snapshot:
     """Copy a live data.db with VACUUM INTO (compact, self-contained) and verify it.
 
     The copy is one read transaction, so it is consistent even while PocketBase writes.
-    An existing destination is replaced, which makes the step idempotent.
+    An existing destination is replaced, which makes the step idempotent. `verify=False` leaves
+    `verify_snapshot` to the caller (the re-sync runs it beside its work, before committing).
     """
     src = resolve_data_db(source)
     dst = Path(dest)
@@ -94,7 +95,8 @@ def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike) -> Snapsho
         raise SourceError(f"{src}: snapshot failed: {exc}") from exc
     finally:
         conn.close()
-    verify_snapshot(tmp)
+    if verify:
+        verify_snapshot(tmp)
     os.replace(tmp, dst)
     return Snapshot(str(dst), str(src), dst.stat().st_size, time.monotonic() - started)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
+from itertools import islice
 
 from pbmigrate.source.catalog import Catalog, Collection, read_catalog
 from pbmigrate.source.snapshot import open_readonly
@@ -62,6 +63,28 @@ class SqliteSource:
         while chunk := cur.fetchmany(FETCH):
             yield from chunk
 
+    def rows_since(self, coll: Collection, field: str, since: str) -> Iterator[tuple]:
+        """A scan (PocketBase keeps no index on `updated`), unordered: a sort costs a lookup per row."""
+        yield from self._fetch(f"{select_sql(coll)} WHERE {qi(coll.field(field).name)} >= ?", (since,))
+
+    def rows_by_ids(self, coll: Collection, ids: Iterable[str]) -> Iterator[tuple]:
+        for part in _parts(ids):
+            yield from self._fetch(f"{select_sql(coll)} WHERE id IN ({','.join('?' * len(part))})", tuple(part))
+
+    def rows_referencing(self, coll: Collection, field: str, ids: Iterable[str]) -> Iterator[tuple]:
+        f = coll.field(field)
+        col = qi(f.name)
+        for part in _parts(ids):
+            marks = ",".join("?" * len(part))
+            where = (f"EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid({col}) THEN {col} ELSE '[]' END) "
+                     f"WHERE value IN ({marks}))" if f.multi else f"{col} IN ({marks})")
+            yield from self._fetch(f"{select_sql(coll)} WHERE {where}", tuple(part))
+
+    def _fetch(self, sql: str, args: tuple) -> Iterator[tuple]:
+        cur = self.conn.execute(sql, args)
+        while chunk := cur.fetchmany(FETCH):
+            yield from chunk
+
     def _share(self, coll: Collection, where: str, args: tuple) -> float:
         in_range = self.conn.execute(f"SELECT count(*) FROM {qi(coll.name)}{where}", args).fetchone()[0]
         return in_range / max(self.count(coll), 1)
@@ -82,6 +105,13 @@ def _select_cached(table: str, columns: tuple[str, ...]) -> str:
 def select_sql(coll: Collection) -> str:
     """SELECT of every field of the collection, in catalog order (the row tuples' order)."""
     return _select_cached(coll.name, tuple(f.name for f in coll.fields))
+
+
+def _parts(ids: Iterable[str], n: int = 500) -> Iterator[list[str]]:
+    """Ids a few hundred at a time: SQLite allows 32,766 parameters, and short IN lists stay fast."""
+    it = iter(ids)
+    while part := list(islice(it, n)):
+        yield part
 
 
 def id_range_where(lo: str | None, hi: str | None) -> tuple[str, tuple]:

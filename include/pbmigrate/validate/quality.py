@@ -32,8 +32,8 @@ from pbmigrate.files import file_checks
 from pbmigrate.load import ledger
 from pbmigrate.pgsql import qi, ql_list
 from pbmigrate.plan.model import Plan, Table
+from pbmigrate.resync import compare_collection, last_resync
 from pbmigrate.source import Source
-from pbmigrate.sync import compare_collection, last_resync
 
 log = logging.getLogger("pbmigrate")
 
@@ -426,7 +426,7 @@ def resynced(conn: psycopg.Connection, run: dict) -> bool:
 def resync_checks(conn: psycopg.Connection, source: Source, plan: Plan, schema: str, run_id: str,
                   source_counts: dict[str, int]) -> tuple[list[Check], dict[str, int]]:
     """After a re-sync: each table against the (re-sync's) snapshot, range by range
-    (`sync.compare_collection`, the ledger's digests on both sides); returns the checks and the
+    (`resync.compare_collection`, the ledger's digests on both sides); returns the checks and the
     row count each table must hold (source rows less rejects)."""
     checks, expected = [], {}
     for t in plan.tables:

@@ -116,13 +116,25 @@ class TableConverter:
             part.junctions[k] = (pa.concat_arrays([targets, pa.array(lists, vector.TEXT_LIST)]),
                                  pa.concat_arrays([canons, canon]))
 
+    def _prepared(self, part: Part) -> list[tuple[pa.Array, str]]:
+        return [digest.prepare(v, c.canon, pg_type(c.field), part.canons.get(i))
+                for i, (v, c) in enumerate(zip(part.columns, self.table.columns))]
+
     def part_sum(self, part: Part) -> int:
-        prepared = [digest.prepare(v, c.canon, pg_type(c.field), part.canons.get(i))
-                    for i, (v, c) in enumerate(zip(part.columns, self.table.columns))]
-        total = digest.rows_sum(prepared)
+        total = digest.rows_sum(self._prepared(part))
         owners = part.columns[0]
         for j, (targets, canon) in zip(self.table.junctions, part.junctions):
             total += digest.junction_sum(j.table, owners, canon, pc.list_value_length(targets))
+        return total
+
+
+    def row_digests(self, part: Part) -> np.ndarray:
+        """Each row's digest, its junction rows' included (uint64): the re-sync compares them with
+        the target's `ledger` digests row by row."""
+        total = digest.row_digests(self._prepared(part))
+        owners = part.columns[0]
+        for j, (targets, canon) in zip(self.table.junctions, part.junctions):
+            total = total + digest.junction_digests(j.table, owners, canon, pc.list_value_length(targets))
         return total
 
 
@@ -146,24 +158,60 @@ def junction_rows(owners: pa.Array, targets: pa.Array) -> tuple[pa.Array, pa.Arr
     return pc.take(owners, parents), targets.flatten(), pa.array(position.astype(np.int32))
 
 
+class RowWriter:
+    """How a table's converted rows go into COPY, for the load and the re-sync alike: binary rows
+    built by Arrow when every column has its field's own type (`vector_binary`), else psycopg's
+    binary dumpers (or text COPY, for overrides it has none for) row by row."""
+
+    def __init__(self, conn: psycopg.Connection, table: Table):
+        self.table = table
+        self.types = [c.type for c in table.columns]
+        self.vector = vector_binary(table)
+        self.binary = self.vector or pgcopy.can_use_binary(table)
+        if self.binary and not self.vector:
+            pgcopy.register(conn)
+
+    def sql(self, target: str) -> str:
+        """COPY into `target` (a quoted table name with the table's columns)."""
+        cols = ", ".join(qi(c) for c in self.table.column_names)
+        return f"COPY {target} ({cols}) FROM STDIN" + (" (FORMAT BINARY)" if self.binary else "")
+
+    def begin(self, copy: psycopg.Copy) -> None:
+        if self.vector:
+            copy.write(pgbinary.HEADER)
+        elif self.binary:
+            copy.set_types(self.types)
+
+    def write(self, copy: psycopg.Copy, part: Part) -> None:
+        if self.vector:
+            copy.write(pgbinary.rows(part.columns, self.types))
+        else:
+            for row in _python_rows(part):
+                copy.write_row(row)
+
+    def end(self, copy: psycopg.Copy) -> None:
+        if self.vector:
+            copy.write(pgbinary.TRAILER)
+
+
+def junction_copy_rows(owners: pa.Array, targets: pa.Array) -> tuple[int, bytes | pa.Buffer]:
+    """(row count, binary COPY rows) of a junction table for these owners' target lists."""
+    exploded = junction_rows(owners, targets)
+    n = len(exploded[0])
+    return n, (pgbinary.rows(list(exploded), ["text", "text", "integer"]) if n else b"")
+
+
 def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: str, lo: str, hi: str,
                has_secrets: bool) -> tuple[int, int, int, int, list]:
     """COPY the range's rows and its junction rows; (read, loaded, checksum sum, junction rows, rejects)."""
     work = TableConverter(table, has_secrets)
-    binary = vector_binary(table)
-    types = [c.type for c in table.columns]
-    if not binary and pgcopy.can_use_binary(table):
-        pgcopy.register(conn)
+    writer = RowWriter(conn, table)
     read = loaded = total = junction_count = 0
     rejects: list[tuple[str, str, str]] = []
     with ExitStack() as stack, conn.cursor() as cur:
         spools = [stack.enter_context(tempfile.SpooledTemporaryFile(SPOOL_BYTES)) for _ in table.junctions]
-        copy_sql = pgcopy.copy_sql(schema, table, binary or pgcopy.can_use_binary(table))
-        with cur.copy(copy_sql) as copy:
-            if binary:
-                copy.write(pgbinary.HEADER)
-            elif pgcopy.can_use_binary(table):
-                copy.set_types(types)
+        with cur.copy(writer.sql(f"{qi(schema)}.{qi(table.name)}")) as copy:
+            writer.begin(copy)
             for chunk in chunks(source, table, lo, hi):
                 part = work.part(chunk)
                 read += part.read
@@ -172,26 +220,20 @@ def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: s
                     continue
                 loaded += part.rows
                 total += work.part_sum(part)
-                if binary:
-                    copy.write(pgbinary.rows(part.columns, types))
-                else:
-                    for row in _python_rows(part):
-                        copy.write_row(row)
+                writer.write(copy, part)
                 for spool, (targets, _) in zip(spools, part.junctions):
-                    exploded = junction_rows(part.columns[0], targets)
-                    junction_count += len(exploded[0])
-                    if len(exploded[0]):
-                        spool.write(pgbinary.rows(list(exploded), ["text", "text", "integer"]))
-            if binary:
-                copy.write(pgbinary.TRAILER)
+                    n, data = junction_copy_rows(part.columns[0], targets)
+                    junction_count += n
+                    spool.write(data)
+            writer.end(copy)
         for j, spool in zip(table.junctions, spools):
-            _copy_junction(cur, schema, j, spool)
+            copy_junction(cur, schema, j, spool)
     return read, loaded, total, junction_count, rejects
 
 
-def _copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes]) -> None:
+def copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes]) -> None:
     """A junction table's rows, after the owner table's COPY (one COPY at a time per connection):
-    spooled as binary COPY rows meanwhile, in memory up to SPOOL_BYTES, then on disk."""
+    spooled as binary COPY rows meanwhile (in memory up to SPOOL_BYTES, then on disk for the load)."""
     if not spool.tell():
         return
     spool.seek(0)

@@ -69,6 +69,36 @@ def rows_sum(columns: list[tuple[pa.Array, str]]) -> int:
     return _run(f"SELECT sum({_MD5_64.format(s=f'concat_ws(chr(31), {parts})')})::VARCHAR FROM pbm_sum", table)
 
 
+def _rows(sql: str, table: pa.Table, params: list | None = None) -> np.ndarray:
+    con = duck()
+    con.register("pbm_sum", table)
+    try:
+        values = con.sql(sql, params=params or None).to_arrow_table().column(0)
+    finally:
+        con.unregister("pbm_sum")
+    return values.to_numpy().astype(np.uint64, copy=False)  # through Arrow: fetchnumpy imports pandas
+
+
+def row_digests(columns: list[tuple[pa.Array, str]]) -> np.ndarray:
+    """Each row's digest (uint64, in row order): what `rows_sum` adds up, for the re-sync's
+    row-by-row comparison with the target."""
+    if not columns or len(columns[0][0]) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    table = pa.table({f"k{i}": a for i, (a, _) in enumerate(columns)})
+    parts = ", ".join(_SQL[form].format(k=f"k{i}") for i, (_, form) in enumerate(columns))
+    return _rows(f"SELECT {_MD5_64.format(s=f'concat_ws(chr(31), {parts})')} FROM pbm_sum", table)
+
+
+def junction_digests(name: str, owners: pa.Array, canon: pa.Array, counts: pa.Array) -> np.ndarray:
+    """Each owner's `checksum.junction_digest` (0 for an owner without targets), in row order."""
+    if len(owners) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    table = pa.table({"o": owners, "c": canon, "n": counts})
+    md5 = _MD5_64.format(s="(? || o || chr(31) || c)")
+    return _rows(f"SELECT CASE WHEN n > 0 THEN {md5} ELSE 0::UBIGINT END FROM pbm_sum", table,
+                 [name + checksum.SEP])
+
+
 def junction_sum(name: str, owners: pa.Array, canon: pa.Array, counts: pa.Array) -> int:
     """Sum of `checksum.junction_digest` over owners with at least one target."""
     if len(owners) == 0:

@@ -10,8 +10,12 @@ for the per-row converters. API pages (and any tuple source) are classified the 
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
+from typing import Generic, TypeVar
 
 import pyarrow as pa
 
@@ -22,6 +26,8 @@ from pbmigrate.source.snapshot import readonly_uri
 from pbmigrate.source.sqlite import SCAN_SHARE, SqliteSource, id_range_where, qi, select_sql
 
 CHUNK_ROWS = 16_384  # rows per record batch: memory is bounded by this, not by the batch
+AHEAD = 2  # chunks a background read may hold before its consumer takes them
+T = TypeVar("T")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -81,8 +87,9 @@ def _sql_expr(col: str, cls: str) -> tuple[str, str]:
             f"{t} NOT IN ('text', 'integer', 'null')")
 
 
-def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS
-                  ) -> Iterator[Chunk]:
+def sqlite_chunks(source: SqliteSource, table: Table, lo: str | None, hi: str | None,
+                  chunk_rows: int = CHUNK_ROWS, *, where: tuple[str, tuple] | None = None) -> Iterator[Chunk]:
+    """Rows with ids in [lo, hi], or those `where` (an SQL condition and its args) selects."""
     import adbc_driver_sqlite.dbapi as adbc
 
     coll = table.collection
@@ -92,9 +99,13 @@ def sqlite_chunks(source: SqliteSource, table: Table, lo: str, hi: str, chunk_ro
         exprs.append(f"{value} AS c{pos}")
         odd.append(f"({cond})")
     exprs.append(f"({' OR '.join(odd) or '0'}) AS odd")
-    where, args = id_range_where(lo, hi)
-    hint = " NOT INDEXED" if where and source._share(coll, where, args) >= SCAN_SHARE else ""
-    sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)}{hint}{where}"
+    if where is not None:
+        sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)} WHERE {where[0]}"
+        args = where[1]
+    else:
+        cond, args = id_range_where(lo, hi)
+        hint = " NOT INDEXED" if cond and source._share(coll, cond, args) >= SCAN_SHARE else ""
+        sql = f"SELECT {', '.join(exprs)} FROM {qi(coll.name)}{hint}{cond}"
     raw_sql = f"{select_sql(coll)} WHERE rowid = ?"
 
     def raw_of(rowids: pa.Array) -> Callable[[list[int]], list[tuple]]:
@@ -185,6 +196,115 @@ def _tuple_chunk(buf: list[tuple], fields: list[tuple[int, Field]]) -> Chunk:
     batch = pa.RecordBatch.from_arrays([*arrays, pa.array(odd, pa.bool_())], [*names, "odd"])
     kept = list(buf)
     return Chunk(batch, lambda indices: [kept[i] for i in indices])
+
+
+class Ahead(Generic[T]):
+    """An ADBC read running in its own thread from creation, at most AHEAD items ahead.
+
+    The re-sync alternates between reading the snapshot and waiting on PostgreSQL; with two cores
+    both can run at once. Only reads with their own ADBC connection run here (a sqlite3
+    connection must not be shared between threads), and nothing in them uses DuckDB. `close`
+    stops the thread and closes its connection, also when the consumer gave up early.
+    """
+
+    _DONE = object()
+
+    def __init__(self, make: Callable[[], Iterator[T]]):
+        self._q: queue.Queue = queue.Queue(maxsize=AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make,), name="pbm-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make: Callable[[], Iterator[T]]) -> None:
+        it = make()
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Ahead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._q.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def id_chunks(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
+    """Every id of the collection in byte order, exactly `n` to a chunk but the last (the
+    re-sync's walk): a snapshot's primary key index read by ADBC, ahead of its consumer, else
+    `Source.ids`."""
+    if not isinstance(source, SqliteSource):
+        return _listed_ids(source, table, n)
+    return Ahead(lambda: _sqlite_ids(source, table, n))
+
+
+def _listed_ids(source: Source, table: Table, n: int) -> Iterator[pa.Array]:
+    it = source.ids(table.collection)
+    while part := list(islice(it, n)):
+        yield pa.array(part, pa.string())
+
+
+def _sqlite_ids(source: SqliteSource, table: Table, n: int) -> Iterator[pa.Array]:
+    import adbc_driver_sqlite.dbapi as adbc
+
+    conn = adbc.connect(readonly_uri(source.path))
+    try:
+        cur = conn.cursor()
+        cur.execute("PRAGMA query_only = ON")
+        cur.execute(f"SELECT id FROM {qi(table.collection.name)} ORDER BY id")
+        pending: list[pa.Array] = []
+        held = 0
+        for rb in cur.fetch_record_batch():
+            pending.append(rb.column(0).cast(pa.string()))
+            held += rb.num_rows
+            while held >= n:
+                ids = pa.concat_arrays(pending)
+                yield ids.slice(0, n)
+                pending, held = [ids.slice(n)], held - n
+        if held:
+            yield pa.concat_arrays(pending)
+        cur.close()
+    finally:
+        conn.close()
+
+
+def changed_chunks(source: Source, table: Table, field: str, since: str) -> Iterator[Chunk]:
+    """Rows whose `field` (an autodate) is >= `since`: the re-sync's changed rows. A snapshot is
+    scanned by ADBC like a load batch (PocketBase keeps no index on `updated`), in a thread that
+    starts at once: create the iterator before the work it should overlap."""
+    if isinstance(source, SqliteSource):
+        where = (f"{qi(table.collection.field(field).name)} >= ?", (since,))
+        return Ahead(lambda: sqlite_chunks(source, table, None, None, where=where))
+    return tuple_chunks(source.rows_since(table.collection, field, since), table)
 
 
 def chunks(source: Source, table: Table, lo: str, hi: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[Chunk]:
