@@ -14,6 +14,12 @@
      measured rate is the capacity.
 4. An HTML and a JSON report; the JSON's path is the last line printed.
 
+With ``LT_PG_URL`` set, steps 1 and 2 use data that is already migrated instead of a sample (the
+pipeline's ``loadtest`` step, `pbmigrate.loadgate`): the service serves ``LT_SCHEMA`` (a staging
+schema) of that database, a private Redis warmed from it, and PocketBase serves a copy of
+``LT_PB_DATA`` (the run's source snapshot; empty: no PocketBase reference). The database is
+never dropped in this mode.
+
 The database is dropped at the end unless ``KEEP_DB`` is set. Everything runs on 127.0.0.1,
 every child process is stopped by its pid, and every Locust run has a time limit. On a small
 machine the servers and the load generator share the CPU: the figures are comparable with each
@@ -38,12 +44,16 @@ from typing import Any
 
 import psutil
 import psycopg
+import psycopg.conninfo
 import redis
+from psycopg import sql
 
 from pbgame.cache import SessionStore
+from pbgame.schema import load_schema
 from pbgame.testbed import GameServer, free_port, migrate
 from pbmigrate.pbserver import PocketBaseServer
 from pbmigrate.sample import build_sample
+from pbmigrate.warmup import warm_run
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -77,6 +87,11 @@ def config() -> dict[str, Any]:
         "redis_url": os.environ.get("LT_REDIS_URL", ""),  # empty: a private redis-server on a free port
         "out": Path(os.environ.get("OUT") or ROOT / "bench" / "out" / "loadtest"),
         "backends": (os.environ.get("BACKENDS") or "pocketbase,postgres").split(","),
+        # existing data (see the module docstring): the migrated database, schema and source snapshot
+        "pg_url": os.environ.get("LT_PG_URL", ""),
+        "schema": os.environ.get("LT_SCHEMA", ""),
+        "pb_data": os.environ.get("LT_PB_DATA", ""),
+        "mapping": os.environ.get("LT_MAPPING") or "game.yaml",
     }
 
 
@@ -273,13 +288,23 @@ def fresh_database(cfg: dict) -> str:
     return cfg["pg_admin_url"].rsplit("/", 1)[0] + "/" + cfg["database"]
 
 
-def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: str, password: str) -> int:
-    """Players, seasons, the PocketBase token and a live session per returning player."""
+def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: str, password: str,
+               mapping: str = "game.yaml") -> int:
+    """Players, seasons, the PocketBase token and a live session per returning player.
+
+    Table and column names come from the mapping, as the service's do."""
+    n = load_schema(mapping).names
+    users, stats = n.table("users"), n.table("user_stats")
+    q = sql.SQL("SELECT {}, {} FROM {}.{} WHERE {} <> '' ORDER BY 1").format(
+        sql.Identifier(n.col("users", "id")), sql.Identifier(n.col("users", "email")), sql.Identifier(schema),
+        sql.Identifier(users), sql.Identifier(n.col("users", "email")))
+    q_ranked = sql.SQL("SELECT {}, {} FROM {}.{} ORDER BY 1, 2").format(
+        sql.Identifier(n.col("user_stats", "season")), sql.Identifier(n.col("user_stats", "user")),
+        sql.Identifier(schema), sql.Identifier(stats))
     with psycopg.connect(pg_url) as conn:
-        players = [{"id": i, "email": e} for i, e in conn.execute(
-            f'SELECT id, email FROM "{schema}".players WHERE email <> \'\' ORDER BY id')]
+        players = [{"id": i, "email": e} for i, e in conn.execute(q)]
         ranked: dict[str, list[str]] = {}
-        for season, player in conn.execute(f'SELECT season, player_id FROM "{schema}".player_stats ORDER BY 1, 2'):
+        for season, player in conn.execute(q_ranked):
             ranked.setdefault(season, []).append(player)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = SessionStore(client)
@@ -326,19 +351,25 @@ def main() -> int:
     out = cfg["out"] / stamp
     work = out / "work"
     work.mkdir(parents=True)
+    secret = ("pg_admin_url", "pg_url")  # URLs may carry passwords; the report is stored in pbm_meta
     result: dict[str, Any] = {"started": stamp, "config": {k: (str(v) if isinstance(v, Path) else v)
-                                                           for k, v in cfg.items() if k != "pg_admin_url"}}
-    t = time.monotonic()
-    info = build_sample(work / "sample", rows=cfg["rows"], api_users=4)
-    log(f"sample: {info['rows']} rows, {info['counts']['users']} players ({time.monotonic() - t:.0f} s)")
+                                                           for k, v in cfg.items() if k not in secret}}
+    info: dict[str, Any] = {}
+    if not cfg["pg_url"]:
+        t = time.monotonic()
+        info = build_sample(work / "sample", rows=cfg["rows"], api_users=4)
+        log(f"sample: {info['rows']} rows, {info['counts']['users']} players ({time.monotonic() - t:.0f} s)")
     with contextlib.ExitStack() as stack:
         redis_pid = None
         if not cfg["redis_url"]:
             cfg["redis_url"], redis_pid = stack.enter_context(private_redis(work))
         try:
-            run_backends(cfg, info, out, work, result, redis_pid)
+            if cfg["pg_url"]:
+                run_existing(cfg, out, work, result, redis_pid)
+            else:
+                run_backends(cfg, info, out, work, result, redis_pid)
         finally:
-            if not os.environ.get("KEEP_DB"):
+            if not os.environ.get("KEEP_DB") and not cfg["pg_url"]:
                 with psycopg.connect(cfg["pg_admin_url"], autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{cfg["database"]}" WITH (FORCE)')
     pbc = result.get("pocketbase", {}).get("capacity_rps")
@@ -374,24 +405,69 @@ def run_backends(cfg: dict, info: dict, out: Path, work: Path, result: dict, red
         env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": run["target_schema"],
                "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
-            assert pb._proc is not None and svc.proc is not None
-            hosts = {"pocketbase": ("pocketbase", pb.url, ServerCpu("pocketbase", [pb._proc.pid])),
-                     "postgres": ("service", svc.url, ServerCpu("service", [svc.proc.pid], cfg["database"],
-                                                               redis_pid))}
-            for backend in cfg["backends"]:
-                target, host, cpu = hosts[backend]
-                time.sleep(cfg["cooldown"])
-                players = players_run(cfg, target, host, seed, out, cpu)
-                cap = capacity(cfg, target, host, seed, out)
-                result[backend] = {"capacity_rps": cap["capacity_rps"], "capacity_steps": cap["steps"],
-                                   "players": players, **{k: players[k] for k in (
-                                       "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate")},
-                                   "server_cpu_ms_per_request": players.get("server_cpu_ms_per_request"),
-                                   "server_cpu_ms_by_process": players.get("server_cpu_ms_by_process"),
-                                   "endpoints": players["endpoints"]}
-                log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
-                    f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
-                    f"capacity {cap['capacity_rps']} rps")
+            measure(cfg, pb, svc, pg_url.rsplit("/", 1)[1], seed, out, result, redis_pid)
+
+
+def run_existing(cfg: dict, out: Path, work: Path, result: dict, redis_pid: int | None) -> None:
+    """Already migrated data (`LT_PG_URL`, `LT_SCHEMA`), PocketBase on a copy of `LT_PB_DATA`."""
+    pg_url, schema, mapping = cfg["pg_url"], cfg["schema"], cfg["mapping"]
+    if not schema:
+        raise SystemExit("LT_SCHEMA is required with LT_PG_URL")
+    t = time.monotonic()
+    for section in ("profiles", "leaderboards"):  # what the DAG's cache group warms, into the private Redis
+        warm_run({"params": {"mapping": mapping}, "staging_schema": schema}, section, pg_url=pg_url,
+                 redis_url=cfg["redis_url"])
+    redis.Redis.from_url(cfg["redis_url"]).set("pbm:backend", "postgres")
+    log(f"warmed a private Redis from {schema} ({time.monotonic() - t:.0f} s)")
+    with contextlib.ExitStack() as stack:
+        pb: PocketBaseServer | None = None
+        token = ""
+        if cfg["pb_data"] and "pocketbase" in cfg["backends"]:
+            src = Path(cfg["pb_data"])
+            copy = work / "pb_data"
+            copy.mkdir()
+            shutil.copyfile(src / "data.db" if src.is_dir() else src, copy / "data.db")  # never the source itself
+            pb = PocketBaseServer(copy)
+            email, password = "loadtest@pbmigrate.invalid", os.urandom(12).hex()
+            pb.create_superuser(email, password)
+            stack.enter_context(pb)
+            admin = pb.session(email, password)
+            admin.patch("/api/settings", json={"batch": {"enabled": True, "maxRequests": 100, "timeout": 10}})
+            token = admin.headers["Authorization"]
+        else:
+            cfg["backends"] = [b for b in cfg["backends"] if b != "pocketbase"]
+        seed = work / "seed.json"
+        n = write_seed(seed, pg_url, schema, cfg["redis_url"], token, "", mapping)
+        log(f"seed: {n} players from {schema}")
+        env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": schema,
+               "PBG_MAPPING": mapping, "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
+        svc = stack.enter_context(GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log"))
+        database = psycopg.conninfo.conninfo_to_dict(pg_url).get("dbname") or "postgres"
+        measure(cfg, pb, svc, str(database), seed, out, result, redis_pid)
+
+
+def measure(cfg: dict, pb: PocketBaseServer | None, svc: GameServer, database: str, seed: Path, out: Path,
+            result: dict, redis_pid: int | None) -> None:
+    """The players run and the capacity steps of each backend in turn, into `result`."""
+    assert svc.proc is not None
+    hosts = {"postgres": ("service", svc.url, ServerCpu("service", [svc.proc.pid], database, redis_pid))}
+    if pb is not None:
+        assert pb.pid is not None
+        hosts["pocketbase"] = ("pocketbase", pb.url, ServerCpu("pocketbase", [pb.pid]))
+    for backend in cfg["backends"]:
+        target, host, cpu = hosts[backend]
+        time.sleep(cfg["cooldown"])
+        players = players_run(cfg, target, host, seed, out, cpu)
+        cap = capacity(cfg, target, host, seed, out)
+        result[backend] = {"capacity_rps": cap["capacity_rps"], "capacity_steps": cap["steps"],
+                           "players": players, **{k: players[k] for k in (
+                               "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate")},
+                           "server_cpu_ms_per_request": players.get("server_cpu_ms_per_request"),
+                           "server_cpu_ms_by_process": players.get("server_cpu_ms_by_process"),
+                           "endpoints": players["endpoints"]}
+        log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
+            f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
+            f"capacity {cap['capacity_rps']} rps")
 
 
 if __name__ == "__main__":
