@@ -19,7 +19,8 @@ import json
 import os
 import random
 
-from locust import between, constant_throughput, task
+import gevent
+from locust import between, task
 from locust.contrib.fasthttp import FastHttpUser
 
 SEED = json.loads(open(os.environ["LT_SEED"]).read()) if os.environ.get("LT_SEED") else {}  # noqa: SIM115
@@ -36,7 +37,16 @@ RANKED = {season: set(ids) for season, ids in SEED.get("ranked", {}).items()}
 
 
 def _wait():
-    return constant_throughput(RATE) if RATE > 0 else between(*THINK)
+    """Think time between two calls of one player.
+
+    Capacity steps (``LT_RATE``): a uniform wait of mean 1/rate, so players stay independent.
+    Locust's constant_throughput keeps every player on the schedule it started with, and players
+    spawned within a second or two then call in lock-step: the server sees the step's whole
+    second of requests as one burst, and the queue behind that burst (not the rate) set the
+    p95 of the earlier runs."""
+    if RATE > 0:
+        return lambda user: random.uniform(0.0, 2.0 / RATE)
+    return between(*THINK)
 
 
 class Player(FastHttpUser):
@@ -57,6 +67,8 @@ class Player(FastHttpUser):
         self.season = random.choice(mine or SEED["seasons"])
         self.fresh_login = random.random() < LOGIN_SHARE
         self.login()
+        if RATE > 0:  # a random phase: players spawned in the same second do not call in the same instant
+            gevent.sleep(random.uniform(0.0, 1.0 / RATE))
 
     def other(self) -> str:
         return random.choice(SEED["players"])["id"]
