@@ -34,6 +34,7 @@ import html
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
     if reset_stats:
         cmd.append("--reset-stats")
     cpu0 = cpu.seconds() if cpu else {}
+    gen0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy(), time.monotonic()
     with open(f"{prefix}.log", "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -165,11 +167,23 @@ def locust(cfg: dict, *, target: str, host: str, seed: Path, users: int, spawn_r
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"Locust exited with {proc.returncode} (log {prefix}.log)")
     stats = read_stats(prefix)
+    # Where the 2 cores went: Locust itself (its processes, reaped by now), and the whole machine
+    # (the servers, the generator, and whatever else runs beside them).
+    gen1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
+    stats["loadgen_cores"] = round((gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime) / wall, 2)
+    stats["machine_busy_cores"] = round((machine_busy() - busy0) / wall, 2)
+    stats["machine_cores"] = psutil.cpu_count()
     if cpu and not reset_stats and stats.get("requests"):
         used = {k: v - cpu0.get(k, 0.0) for k, v in cpu.seconds().items()}
         stats["server_cpu_ms_per_request"] = round(1000 * sum(used.values()) / stats["requests"], 3)
         stats["server_cpu_ms_by_process"] = {k: round(1000 * v / stats["requests"], 3) for k, v in used.items()}
     return stats
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def players_run(cfg: dict, target: str, host: str, seed: Path, out: Path, cpu: ServerCpu) -> dict[str, Any]:
@@ -198,9 +212,10 @@ def capacity(cfg: dict, target: str, host: str, seed: Path, out: Path) -> dict[s
         ok = st.get("p95_ms", 1e9) <= P95_LIMIT_MS and st.get("error_rate", 1) < ERROR_LIMIT
         reached = st.get("rps", 0) >= 0.8 * offered
         steps.append({"offered_rps": offered, "rps": st.get("rps", 0), "p95_ms": st.get("p95_ms"),
-                      "p99_ms": st.get("p99_ms"), "error_rate": st.get("error_rate"), "passed": ok and reached})
+                      "p99_ms": st.get("p99_ms"), "error_rate": st.get("error_rate"), "passed": ok and reached,
+                      "loadgen_cores": st["loadgen_cores"], "machine_busy_cores": st["machine_busy_cores"]})
         log(f"{target}: step {offered}/s -> {st.get('rps')}/s, p95 {st.get('p95_ms')} ms, "
-            f"errors {st.get('error_rate')}")
+            f"errors {st.get('error_rate')}, Locust {st['loadgen_cores']} cores, machine {st['machine_busy_cores']}")
         if not (ok and reached):
             break
         best = max(best, st.get("rps", 0.0))
@@ -467,7 +482,8 @@ def measure(cfg: dict, pb: PocketBaseServer | None, svc: GameServer, database: s
                            "endpoints": players["endpoints"]}
         log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
             f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
-            f"capacity {cap['capacity_rps']} rps")
+            f"Locust {players['loadgen_cores']} cores, machine {players['machine_busy_cores']} of "
+            f"{players['machine_cores']}; capacity {cap['capacity_rps']} rps")
 
 
 if __name__ == "__main__":
