@@ -42,6 +42,8 @@ def test_the_verdict_names_each_limit_missed() -> None:
     assert "no PocketBase reference" in loadgate.evaluate(_report(None, 400), opts)[0]
     assert loadgate.evaluate(_report(None, 400), loadgate.LoadtestOptions(min_improvement=0)) == []
     assert loadgate.evaluate(_report(0, 100), opts) == []  # PocketBase held no step, the new stack did
+    broken = _report(0, 100) | {"pocketbase": {"capacity_rps": 0, "error_rate": 1.0}}
+    assert "the PocketBase reference failed 100.0%" in loadgate.evaluate(broken, opts)[0]  # no free pass
     assert loadgate.evaluate({}, opts) == ["the load test has no figures for the new stack"]
 
 

@@ -47,6 +47,7 @@ READ_MIX = "profile_me=3,profile_other=2,leaderboard=3,history=1,inventory=1"
 JOURNEYS = ("profile_me", "profile_other", "leaderboard", "history", "inventory", "match_result")
 CAPACITY_STEPS = "100,250,500,750,1000,1500,2000"
 STAGES = ("migration", "cutover")
+REFERENCE_BROKEN = 0.5  # PocketBase failing this share of the players run is no reference to compare with
 
 LOADTESTS_DDL = """
 CREATE TABLE IF NOT EXISTS pbm_meta.loadtests (
@@ -153,7 +154,13 @@ def evaluate(report: Mapping[str, Any], opts: LoadtestOptions) -> list[str]:
         worst = ", ".join(f"{n} {r:.2%}" for r, n in reversed(bad))
         reasons.append(f"error rate {pg['error_rate']:.3%} above loadtest_max_error_rate {opts.max_error_rate:.3%}"
                        + (f" ({worst})" if worst else ""))
-    if opts.min_improvement > 0:
+    ref = report.get("pocketbase") or {}
+    if opts.min_improvement > 0 and ref.get("error_rate", 0.0) >= REFERENCE_BROKEN:
+        # a reference that cannot answer the journeys (another game's shape, a broken copy) would
+        # make any capacity look like an improvement
+        reasons.append(f"the PocketBase reference failed {ref['error_rate']:.1%} of its players run, "
+                       "so its capacity is no reference; see its report")
+    elif opts.min_improvement > 0:
         ratio = improvement(report)
         if ratio is None:
             reasons.append("no PocketBase reference (API mode or no source snapshot), so "
