@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from pbgame.schema import GameSchema
+from pbgame.schema import GameSchema, ShapeError, missing, required_columns, shape_error
 from pbmigrate.cache import leaderboard_query, profile_mapping, profile_query
 from pbmigrate.ddl import staging_schema
 
@@ -95,6 +95,21 @@ class PgStore:
             await self.resolve()
             return await fn()
 
+    async def check_shape(self) -> None:
+        """Every table and column the queries use exists in the served schema, or one line naming what does not."""
+        need = required_columns(self.game)
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT c.relname, a.attname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace "
+                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+                "WHERE s.nspname = %s AND c.relname = ANY(%s)", (self.schema, list(need)))
+            have: dict[str, set[str]] = {}
+            for table, column in await cur.fetchall():
+                have.setdefault(table, set()).add(column)
+        gaps = missing(have, need)
+        if gaps:
+            raise ShapeError(shape_error(f"PostgreSQL schema {self.schema}", gaps, self.game.mapping))
+
     async def prepare(self) -> None:
         """Read the profile columns' types (the cache's text needs them) and build the queries."""
         n, spec = self.game.names, self.game.profile
@@ -104,8 +119,7 @@ class PgStore:
                 "ON c.oid = a.attrelid JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = %s "
                 "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped", (self.schema, spec.table))
             self.profile_types = dict(await cur.fetchall())
-        if not self.profile_types:
-            raise RuntimeError(f"table {self.schema}.{spec.table} does not exist")
+        await self.check_shape()
         self.q_profile = profile_query(self.schema, spec, self.profile_types, one=True)
         self.q_board = leaderboard_query(self.schema, self.game.leaderboard, one_season=True)
         u = "users"

@@ -36,7 +36,7 @@ from starlette.routing import Route
 from pbgame.acache import BackendFlag, Leaderboards, Matchmaking, Profiles, RateLimit, Sessions, connect
 from pbgame.pbstore import SAFE, PbStore
 from pbgame.pgstore import PgStore
-from pbgame.schema import GameSchema, load_schema
+from pbgame.schema import GameSchema, ShapeError, load_schema
 
 log = logging.getLogger("pbgame")
 MAX_LIMIT = 100
@@ -445,7 +445,11 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        await svc.start()
+        try:
+            await svc.start()
+        except ShapeError as exc:  # one line naming what is missing, not a traceback around it
+            log.error("%s", exc)
+            raise SystemExit(3) from None
         try:
             yield
         finally:
