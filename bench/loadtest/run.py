@@ -11,7 +11,7 @@
      and overall, and the servers' CPU per request;
    - capacity: steps of ``CAPACITY_STEPS`` requests/s, ``DURATION`` s each, until p95 > 100 ms or
      errors >= 0.1 % (or the load generator cannot reach the step's rate); the last good step's
-     measured rate is the capacity.
+     measured rate is the capacity. The backends take turns at each step (see `capacity`).
 4. An HTML and a JSON report; the JSON's path is the last line printed.
 
 With ``LT_PG_URL`` set, steps 1 and 2 use data that is already migrated instead of a sample (the
@@ -80,7 +80,7 @@ def config() -> dict[str, Any]:
         "login_share": float(os.environ.get("LOGIN_SHARE") or 0.05),
         "per_user_rate": float(os.environ.get("PER_USER_RATE") or 5),
         "capacity_steps": [int(x) for x in (os.environ.get("CAPACITY_STEPS")
-                                            or "100,250,500,750,1000,1500,2000,3000").split(",") if x],
+                                            or "100,200,300,400,500,600,800,1000,1500,2000,3000").split(",") if x],
         "mix": os.environ.get("MIX", "profile_me=3,profile_other=2,leaderboard=3,history=1,inventory=1,"
                                       "match_result=1"),
         "pg_admin_url": os.environ.get("LT_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -200,26 +200,41 @@ def players_run(cfg: dict, target: str, host: str, seed: Path, out: Path, cpu: S
     return stats
 
 
-def capacity(cfg: dict, target: str, host: str, seed: Path, out: Path) -> dict[str, Any]:
-    """Step the offered rate up until a step breaks p95 <= 100 ms, errors < 0.1 % or its own rate."""
-    steps, best = [], 0.0
-    for offered in cfg["capacity_steps"]:
-        time.sleep(cfg["cooldown"])  # let the previous run's backlog drain first
-        users = max(1, math.ceil(offered / cfg["per_user_rate"]))
-        st = locust(cfg, target=target, host=host, seed=seed, users=users, spawn_rate=max(users / 2, 1),
-                    seconds=2 + cfg["duration"], prefix=out / f"{target}_step_{offered}",
-                    rate=cfg["per_user_rate"], reset_stats=True)
-        ok = st.get("p95_ms", 1e9) <= P95_LIMIT_MS and st.get("error_rate", 1) < ERROR_LIMIT
-        reached = st.get("rps", 0) >= 0.8 * offered
-        steps.append({"offered_rps": offered, "rps": st.get("rps", 0), "p95_ms": st.get("p95_ms"),
-                      "p99_ms": st.get("p99_ms"), "error_rate": st.get("error_rate"), "passed": ok and reached,
-                      "loadgen_cores": st["loadgen_cores"], "machine_busy_cores": st["machine_busy_cores"]})
-        log(f"{target}: step {offered}/s -> {st.get('rps')}/s, p95 {st.get('p95_ms')} ms, "
-            f"errors {st.get('error_rate')}, Locust {st['loadgen_cores']} cores, machine {st['machine_busy_cores']}")
-        if not (ok and reached):
+def capacity_step(cfg: dict, target: str, host: str, seed: Path, out: Path, offered: int) -> dict[str, Any]:
+    """One step: `offered` requests/s for DURATION s; passed = p95 <= 100 ms, errors < 0.1 %, rate reached."""
+    time.sleep(cfg["cooldown"])  # let the previous run's backlog drain first
+    users = max(1, math.ceil(offered / cfg["per_user_rate"]))
+    st = locust(cfg, target=target, host=host, seed=seed, users=users, spawn_rate=max(users / 2, 1),
+                seconds=2 + cfg["duration"], prefix=out / f"{target}_step_{offered}",
+                rate=cfg["per_user_rate"], reset_stats=True)
+    ok = st.get("p95_ms", 1e9) <= P95_LIMIT_MS and st.get("error_rate", 1) < ERROR_LIMIT
+    reached = st.get("rps", 0) >= 0.8 * offered
+    log(f"{target}: step {offered}/s -> {st.get('rps')}/s, p95 {st.get('p95_ms')} ms, "
+        f"errors {st.get('error_rate')}, Locust {st['loadgen_cores']} cores, machine {st['machine_busy_cores']}")
+    return {"offered_rps": offered, "rps": st.get("rps", 0), "p95_ms": st.get("p95_ms"),
+            "p99_ms": st.get("p99_ms"), "error_rate": st.get("error_rate"), "passed": ok and reached,
+            "loadgen_cores": st["loadgen_cores"], "machine_busy_cores": st["machine_busy_cores"]}
+
+
+def capacity(cfg: dict, hosts: dict[str, tuple[str, str]], seed: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """Step the offered rate up until a step breaks, for every backend, the backends taking turns.
+
+    Each step runs on both backends one after the other (alternating which goes first), so the
+    machine's other work, which changes from minute to minute, weighs on both alike; a backend
+    stops at its first failed step and its capacity is the best rate it passed."""
+    result = {b: {"capacity_rps": 0.0, "steps": []} for b in hosts}
+    alive = list(hosts)
+    for i, offered in enumerate(cfg["capacity_steps"]):
+        for backend in (alive if i % 2 == 0 else alive[::-1]):
+            target, host = hosts[backend]
+            step = capacity_step(cfg, target, host, seed, out, offered)
+            result[backend]["steps"].append(step)
+            if step["passed"]:
+                result[backend]["capacity_rps"] = max(result[backend]["capacity_rps"], step["rps"])
+        alive = [b for b in alive if result[b]["steps"][-1]["passed"]]
+        if not alive:
             break
-        best = max(best, st.get("rps", 0.0))
-    return {"capacity_rps": best, "steps": steps}
+    return result
 
 
 class ServerCpu:
@@ -469,21 +484,25 @@ def measure(cfg: dict, pb: PocketBaseServer | None, svc: GameServer, database: s
     if pb is not None:
         assert pb.pid is not None
         hosts["pocketbase"] = ("pocketbase", pb.url, ServerCpu("pocketbase", [pb.pid]))
+    runs = {}
     for backend in cfg["backends"]:
         target, host, cpu = hosts[backend]
         time.sleep(cfg["cooldown"])
-        players = players_run(cfg, target, host, seed, out, cpu)
-        cap = capacity(cfg, target, host, seed, out)
+        runs[backend] = players = players_run(cfg, target, host, seed, out, cpu)
+        log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
+            f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
+            f"Locust {players['loadgen_cores']} cores, machine {players['machine_busy_cores']} of "
+            f"{players['machine_cores']}")
+    caps = capacity(cfg, {b: hosts[b][:2] for b in cfg["backends"]}, seed, out)
+    for backend, players in runs.items():
+        cap = caps[backend]
         result[backend] = {"capacity_rps": cap["capacity_rps"], "capacity_steps": cap["steps"],
                            "players": players, **{k: players[k] for k in (
                                "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate")},
                            "server_cpu_ms_per_request": players.get("server_cpu_ms_per_request"),
                            "server_cpu_ms_by_process": players.get("server_cpu_ms_by_process"),
                            "endpoints": players["endpoints"]}
-        log(f"{backend}: {players['users']} players at {players['rps']} rps, p95 {players['p95_ms']} ms, "
-            f"errors {players['error_rate']}, server CPU {players.get('server_cpu_ms_per_request')} ms/req; "
-            f"Locust {players['loadgen_cores']} cores, machine {players['machine_busy_cores']} of "
-            f"{players['machine_cores']}; capacity {cap['capacity_rps']} rps")
+        log(f"{backend}: capacity {cap['capacity_rps']} rps")
 
 
 if __name__ == "__main__":
