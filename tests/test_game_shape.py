@@ -4,8 +4,12 @@ PostgreSQL, Redis and service)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +27,7 @@ from pbmigrate.errors import MappingError
 from pbmigrate.mapping import MAPPINGS_DIR
 from pbmigrate.pbserver import PocketBaseServer, check
 from pbmigrate.sample import build_sample
-from tests.conftest import REDIS_TEST_URL, _create_db, _drop_db
+from tests.conftest import REDIS_TEST_URL, ROOT, _create_db, _drop_db
 
 
 def _mapping(tmp: Path, extra: dict) -> str:
@@ -165,3 +169,25 @@ def test_a_schema_without_the_game_fails_at_start_naming_tables_and_columns(othe
         GameServer(env, log_path=log).start()
     (line,) = [x for x in log.read_text().splitlines() if "lacks what the game journeys need" in x]
     assert "PostgreSQL schema bare lacks" in line and "players.xp" in line and "game_sessions" in line
+
+
+def test_the_load_test_follows_the_roles_on_both_backends(other_game: dict) -> None:
+    """The runner's existing-data mode (the pipeline's loadtest step) on that game: PocketBase's
+    reference journeys use the renamed collection and fields too, so none fails (last: it writes)."""
+    from pbmigrate.snapshot import take_snapshot
+
+    g = other_game
+    snap = take_snapshot(g["pb"].data_dir, g["tmp"] / "snap" / "data.db").path
+    out = g["tmp"] / "lt"
+    env = {**os.environ, "USERS": "30", "SPAWN_RATE": "30", "DURATION": "4", "THINK": "1,2", "LOGIN_SHARE": "0",
+           "CAPACITY_STEPS": "100", "COOLDOWN": "1", "SERVICE_WORKERS": "1", "OUT": str(out),
+           "LT_PG_URL": g["pg_url"], "LT_SCHEMA": g["run"]["staging_schema"], "LT_MAPPING": g["mapping"],
+           "LT_PB_DATA": snap}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loadtest" / "run.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    for backend in ("pocketbase", "postgres"):
+        ends = result[backend]["endpoints"]
+        assert {"history", "inventory", "match_result", "leaderboard"} <= set(ends), (backend, ends)
+        assert all(e["requests"] > 0 and e["failures"] == 0 for e in ends.values()), (backend, ends)

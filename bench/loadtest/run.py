@@ -50,7 +50,7 @@ import redis
 from psycopg import sql
 
 from pbgame.cache import SessionStore
-from pbgame.schema import load_schema
+from pbgame.schema import ROLES, load_schema
 from pbgame.testbed import GameServer, free_port, migrate
 from pbmigrate.pbserver import PocketBaseServer
 from pbmigrate.sample import build_sample
@@ -325,7 +325,7 @@ def fresh_database(cfg: dict) -> str:
 
 
 def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: str, password: str,
-               mapping: str = "game.yaml") -> int:
+               mapping: str = "game.yaml", pb_collections: dict[str, set[str]] | None = None) -> int:
     """Players, seasons, the PocketBase token and a live session per returning player.
 
     Table and column names come from the mapping, as the service's do."""
@@ -353,8 +353,32 @@ def write_seed(path: Path, pg_url: str, schema: str, redis_url: str, pb_token: s
     pipe.execute()
     client.close()
     path.write_text(json.dumps({"players": players, "seasons": sorted(ranked), "ranked": ranked, "pb_token": pb_token,
-                                "password": password, "sessions": sessions}))
+                                "password": password, "sessions": sessions, "pb": pb_names(mapping, pb_collections)}))
     return len(players)
+
+
+def pb_names(mapping: str, collections: dict[str, set[str]] | None) -> dict[str, Any]:
+    """The PocketBase names the Locust journeys use, from the mapping's roles (see pbgame.schema).
+
+    The leaderboard is the game's own ``leaderboard`` collection when PocketBase has one ranked
+    by season (the sample's, its best case), else the stats role sorted as the service's
+    forwarder sorts it."""
+    game = load_schema(mapping)
+    n = game.names
+    src = {role: {f: n.src(role, f) for f in fields} for role, fields in ROLES.items()}
+    board = {"collection": n.coll("user_stats"), "season": n.field_of("user_stats", game.leaderboard.season),
+             "sort": f"-{n.field_of('user_stats', game.leaderboard.score)},-{n.src('user_stats', 'user')}",
+             "fields": f"{n.src('user_stats', 'user')},{n.field_of('user_stats', game.leaderboard.score)}"}
+    if collections and {"season", "rank", "user"} <= collections.get("leaderboard", set()):
+        board = {"collection": "leaderboard", "season": "season", "sort": "rank", "fields": "user,rank,rating"}
+    return {"coll": {role: n.coll(role) for role in ROLES}, "src": src, "leaderboard": board,
+            "profile_fields": ",".join(("id", *game.profile_fields_pb))}
+
+
+def pb_collections(admin: Any) -> dict[str, set[str]]:
+    """Collection name -> field names of a running PocketBase (a superuser session)."""
+    items = admin.get("/api/collections", params={"perPage": 500}).json()["items"]
+    return {c["name"]: {f["name"] for f in c.get("fields") or c.get("schema") or []} for c in items}
 
 
 def report_html(path: Path, result: dict) -> None:
@@ -436,7 +460,7 @@ def run_backends(cfg: dict, info: dict, out: Path, work: Path, result: dict, red
         admin.patch("/api/settings", json={"batch": {"enabled": True, "maxRequests": 100, "timeout": 10}})
         seed = work / "seed.json"
         n = write_seed(seed, pg_url, schema, cfg["redis_url"], admin.headers["Authorization"],
-                       info["player_password"])
+                       info["player_password"], pb_collections=pb_collections(admin))
         log(f"seed: {n} players, a session each for the returning ones")
         env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": run["target_schema"],
                "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
@@ -470,10 +494,12 @@ def run_existing(cfg: dict, out: Path, work: Path, result: dict, redis_pid: int 
             admin = pb.session(email, password)
             admin.patch("/api/settings", json={"batch": {"enabled": True, "maxRequests": 100, "timeout": 10}})
             token = admin.headers["Authorization"]
+            known = pb_collections(admin)
         else:
+            known = None
             cfg["backends"] = [b for b in cfg["backends"] if b != "pocketbase"]
         seed = work / "seed.json"
-        n = write_seed(seed, pg_url, schema, cfg["redis_url"], token, "", mapping)
+        n = write_seed(seed, pg_url, schema, cfg["redis_url"], token, "", mapping, known)
         log(f"seed: {n} players from {schema}")
         env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": schema,
                "PBG_MAPPING": mapping, "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
