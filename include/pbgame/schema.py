@@ -36,8 +36,6 @@ ROLES = {
                    "updated"),
     "inventory": ("id", "user", "item", "quantity", "equipped", "attributes", "acquired"),
 }
-COLLECTIONS = tuple(ROLES)
-FIELDS = ROLES  # the names before roles had their own; kept for callers
 
 
 @dataclass(frozen=True)
