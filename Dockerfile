@@ -8,8 +8,11 @@ ARG AIRFLOW_VERSION
 
 # /pb_data: the trial PocketBase's data; a fresh named volume mounted here inherits this owner.
 # /opt/pbmigrate: where pip builds the package, so it must be writable by the airflow user.
+# redis-server: the DAGs' optional loadtest step runs a private one, so the load test's sessions
+# and cache never touch the game's Redis (pbmigrate.cutover.loadgate).
 USER root
-RUN mkdir -p /pb_data /opt/pbmigrate && chown airflow:0 /pb_data /opt/pbmigrate && chmod 775 /pb_data
+RUN mkdir -p /pb_data /opt/pbmigrate && chown airflow:0 /pb_data /opt/pbmigrate && chmod 775 /pb_data \
+    && apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*
 USER airflow
 
 # Pinned runtime requirements, with Airflow held at the image's version so pip cannot move it, and
@@ -32,4 +35,6 @@ RUN pip install --no-cache-dir --no-deps /opt/pbmigrate \
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
 COPY --chown=airflow:0 include /opt/airflow/include
+# The load-test runner the loadtest step starts (pbmigrate.cutover.loadgate finds it beside include/).
+COPY --chown=airflow:0 bench/loadtest /opt/airflow/bench/loadtest
 ENV PYTHONPATH=/opt/airflow/include

@@ -12,7 +12,9 @@ The automated roll-back the user asked for, and the second half of a manual cut-
   then live -> `<target_schema>_rolled_back` and `<target_schema>_previous` (or its `pg_dump`)
   -> live.
 
-Every action is recorded in `pbm_meta.cutovers` and in the run's reconciliation report.
+Every action is recorded in `pbm_meta.cutovers` and in the run's reconciliation report. With
+`loadtest` on, a cut-over is preceded by a short load test of the staging schema (figures in
+`pbm_meta.loadtests`; with `loadtest_gate`, a miss refuses the cut-over); a roll-back never is.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pbm_airflow import default_args, fail_fast, postgres_url, redis_url
+from pbm_airflow import default_args, fail_fast, loadtest_params, param_text, postgres_url, redis_url
 
 
 @dag(
@@ -40,6 +42,7 @@ from pbm_airflow import default_args, fail_fast, postgres_url, redis_url
         "target_schema": Param("game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
                                description="Live PostgreSQL schema the action applies to."),
         "reason": Param("", type=["null", "string"], description="Why (kept in pbm_meta.cutovers and the report)."),
+        **loadtest_params(),
     },
 )
 def pocketbase_cutover():
@@ -51,7 +54,18 @@ def pocketbase_cutover():
         p = get_current_context()["params"]  # nothing to cut over is a refusal: fail_fast, no retry
         return tasks.cutover_action(p["action"], p["target_schema"], postgres_url(), redis_url(), p["reason"] or "")
 
-    apply()
+    @task
+    @fail_fast
+    def loadtest() -> dict:
+        """action=cutover with param loadtest: load-test the waiting staging schema first (never before a roll-back)."""
+        from pbmigrate import tasks
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        return tasks.loadtest_before_action(p["action"], p["target_schema"], postgres_url(), p,
+                                            param_text(p, "loadtest_mix"), dag_run_id=ctx["run_id"])
+
+    loadtest() >> apply()
 
 
 pocketbase_cutover()

@@ -7,7 +7,9 @@ snapshot), **schema** (typed tables in the staging schema), **data** (batches pl
 schema, one mapped task per id range, then keys, indexes and foreign keys), **files**
 (the uploads behind every file field, one mapped task per id range, into the `pbm_files` store), **cache**
 (warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
-**validate** (one GX checkpoint per table, per-batch checksums, then the gate), and the branch:
+**validate** (one GX checkpoint per table, per-batch checksums, then the gate), the optional
+**loadtest** (param `loadtest`: the game service on the staging schema against PocketBase on the
+source snapshot, recorded in `pbm_meta.loadtests`; with `loadtest_gate` a miss refuses promotion), and the branch:
 **cut over** (backups, schema swap, feature flag), **hold** (`cutover=manual`: validated, waiting
 for the pocketbase_cutover DAG) or **roll back** (staging dropped; the run ends failed).
 The reconciliation report ends the log of whichever of the three ran.
@@ -26,6 +28,7 @@ from pbm_airflow import (
     default_args,
     fail_fast,
     files_store,
+    loadtest_params,
     param_text,
     pocketbase_api,
     postgres_url,
@@ -59,6 +62,7 @@ from pbm_airflow import (
         "cutover": Param("auto", enum=["auto", "manual"],
                          description="auto: cut over when the gate passes. manual: stop when ready (flag "
                                      "unchanged); promote later with the pocketbase_cutover DAG."),
+        **loadtest_params(),
     },
 )
 def pocketbase_migration():
@@ -225,6 +229,16 @@ def pocketbase_migration():
 
         return tasks.decide(verdict, "auto", cut_over="cache.warm")
 
+    @task
+    @fail_fast
+    def loadtest(run: dict) -> dict:
+        """Param loadtest: a short load test of the staging schema, recorded; with loadtest_gate a miss fails here."""
+        from pbmigrate import tasks
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        return tasks.loadtest(run, postgres_url(), p, param_text(p, "loadtest_mix"), dag_run_id=ctx["run_id"])
+
     @task.branch
     @fail_fast
     def promote(verdict: dict) -> str:
@@ -264,7 +278,7 @@ def pocketbase_migration():
     [assessed, done, copied, final] >> loaded
     verdict = validate(loaded)
     choice = decide(verdict)
-    choice >> cache(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]
+    choice >> cache(loaded) >> loadtest(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]
     choice >> roll_back(loaded, verdict)
 
 

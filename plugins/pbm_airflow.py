@@ -214,6 +214,34 @@ def source_params(*, recorded: bool = False) -> dict[str, Param]:
     }
 
 
+def loadtest_params() -> dict[str, Param]:
+    """The optional load test before promotion (pbmigrate.loadgate), shared by the migration and
+    cut-over DAGs."""
+    return {
+        "loadtest": Param(False, type="boolean",
+                          description="Before promotion, load-test the staging schema: the game service on it "
+                                      "(private Redis) against PocketBase on a copy of the source snapshot, "
+                                      "figures in pbm_meta.loadtests. Off by default; takes a few minutes."),
+        "loadtest_gate": Param(False, type="boolean",
+                               description="Refuse promotion when the load test misses the two limits below "
+                                           "(off: the figures are recorded only)."),
+        "loadtest_min_improvement": Param(1.5, type="number", minimum=0,
+                                          description="Gate: the new stack's capacity (p95 <= 100 ms, < 0.1 % "
+                                                      "errors) divided by PocketBase's, same run, at least this. "
+                                                      "0: no limit (needed in API mode: no PocketBase reference)."),
+        "loadtest_max_error_rate": Param(0.001, type="number", minimum=0, maximum=1,
+                                         description="Gate: the new stack's error rate over the players run, "
+                                                     "at most this (0.001 = 0.1 %)."),
+        "loadtest_users": Param(300, type="integer", minimum=1,
+                                description="Simulated players of the load test's players run (1-3 s think time)."),
+        "loadtest_duration": Param(15, type="integer", minimum=1,
+                                   description="Seconds per load-test step (the players run and each capacity step)."),
+        "loadtest_mix": Param(None, type=["null", "string"],
+                              description="Journeys and weights, e.g. profile_me=3,leaderboard=3. Empty: reads only "
+                                          "(match results written into staging would be promoted with it)."),
+    }
+
+
 def _target_schema() -> Param:
     return Param("game", type="string", pattern=r"^[a-z_][a-z0-9_]{0,39}$",
                  description="Live PostgreSQL schema; the load goes to <target_schema>_staging first.")

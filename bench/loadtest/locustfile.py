@@ -19,7 +19,8 @@ import json
 import os
 import random
 
-from locust import between, constant_throughput, task
+import gevent
+from locust import between, task
 from locust.contrib.fasthttp import FastHttpUser
 
 SEED = json.loads(open(os.environ["LT_SEED"]).read()) if os.environ.get("LT_SEED") else {}  # noqa: SIM115
@@ -31,12 +32,40 @@ MIX = dict(
 )
 THINK = tuple(float(x) for x in os.environ.get("LT_THINK", "20,40").split(","))
 RATE = float(os.environ.get("LT_RATE", "0"))
-PROFILE_FIELDS = "id,display_name,level,xp,country,avatar"
+# PocketBase's names for the journeys' roles (the runner puts the mapping's into the seed; the
+# sample's are the default), so the reference answers a game of another shape too.
+PB = SEED.get("pb") or {"coll": {}, "src": {}, "leaderboard": {
+    "collection": "leaderboard", "season": "season", "sort": "rank", "fields": "user,rank,rating"},
+    "profile_fields": "id,display_name,level,xp,country,avatar"}
+PROFILE_FIELDS = PB["profile_fields"]
+
+
+def C(role: str) -> str:
+    """The PocketBase collection playing `role`."""
+    return PB["coll"].get(role, role)
+
+
+def F(role: str, name: str) -> str:
+    """The PocketBase field playing field `name` of `role`."""
+    return PB["src"].get(role, {}).get(name, name)
+
+
+def fields(role: str, *names: str) -> str:
+    return ",".join(F(role, n) for n in names)
 RANKED = {season: set(ids) for season, ids in SEED.get("ranked", {}).items()}
 
 
 def _wait():
-    return constant_throughput(RATE) if RATE > 0 else between(*THINK)
+    """Think time between two calls of one player.
+
+    Capacity steps (``LT_RATE``): a uniform wait of mean 1/rate, so players stay independent.
+    Locust's constant_throughput keeps every player on the schedule it started with, and players
+    spawned within a second or two then call in lock-step: the server sees the step's whole
+    second of requests as one burst, and the queue behind that burst (not the rate) set the
+    p95 of the earlier runs."""
+    if RATE > 0:
+        return lambda user: random.uniform(0.0, 2.0 / RATE)
+    return between(*THINK)
 
 
 class Player(FastHttpUser):
@@ -57,6 +86,8 @@ class Player(FastHttpUser):
         self.season = random.choice(mine or SEED["seasons"])
         self.fresh_login = random.random() < LOGIN_SHARE
         self.login()
+        if RATE > 0:  # a random phase: players spawned in the same second do not call in the same instant
+            gevent.sleep(random.uniform(0.0, 1.0 / RATE))
 
     def other(self) -> str:
         return random.choice(SEED["players"])["id"]
@@ -80,7 +111,7 @@ class PocketBasePlayer(Player):
     def login(self) -> None:
         self.auth = {"Authorization": SEED["pb_token"]}
         if self.fresh_login:
-            self.client.post("/api/collections/users/auth-with-password", name="login",
+            self.client.post(f"/api/collections/{C('users')}/auth-with-password", name="login",
                              json={"identity": self.me["email"], "password": SEED["password"]})
 
     def _get(self, path: str, name: str, **params) -> None:
@@ -88,52 +119,63 @@ class PocketBasePlayer(Player):
 
     @task(MIX.get("profile_me", 0))
     def profile_me(self) -> None:
-        self._get(f"/api/collections/users/records/{self.me['id']}", "profile_me", fields=PROFILE_FIELDS)
+        self._get(f"/api/collections/{C('users')}/records/{self.me['id']}", "profile_me", fields=PROFILE_FIELDS)
 
     @task(MIX.get("profile_other", 0))
     def profile_other(self) -> None:
-        self._get(f"/api/collections/users/records/{self.other()}", "profile_other", fields=PROFILE_FIELDS)
+        self._get(f"/api/collections/{C('users')}/records/{self.other()}", "profile_other", fields=PROFILE_FIELDS)
 
     @task(MIX.get("leaderboard", 0))
-    def leaderboard(self) -> None:  # the game's own leaderboard collection, indexed (season, rank)
-        self._get("/api/collections/leaderboard/records", "leaderboard", filter=f"season='{self.season}'",
-                  sort="rank", perPage=10, skipTotal=1, fields="user,rank,rating")
+    def leaderboard(self) -> None:  # the sample's own leaderboard collection (indexed season, rank) if it has one
+        lb = PB["leaderboard"]
+        self._get(f"/api/collections/{lb['collection']}/records", "leaderboard",
+                  filter=f"{lb['season']}='{self.season}'", sort=lb["sort"], perPage=10, skipTotal=1,
+                  fields=lb["fields"])
 
     @task(MIX.get("history", 0))
     def history(self) -> None:
-        self._get("/api/collections/participants/records", "history", filter=f"user='{self.me['id']}'",
-                  sort="-created,-id", perPage=20, skipTotal=1, fields="id,match,team,score,placement,created")
+        p = "participants"
+        self._get(f"/api/collections/{C(p)}/records", "history", filter=f"{F(p, 'user')}='{self.me['id']}'",
+                  sort=f"-{F(p, 'created')},-id", perPage=20, skipTotal=1,
+                  fields=fields(p, "id", "match", "team", "score", "placement", "created"))
 
     @task(MIX.get("inventory", 0))
     def inventory(self) -> None:
-        self._get("/api/collections/inventory/records", "inventory", filter=f"user='{self.me['id']}'",
-                  sort="id", perPage=100, skipTotal=1, fields="id,item,quantity,equipped,attributes,acquired")
+        i = "inventory"
+        self._get(f"/api/collections/{C(i)}/records", "inventory", filter=f"{F(i, 'user')}='{self.me['id']}'",
+                  sort="id", perPage=100, skipTotal=1,
+                  fields=fields(i, "id", "item", "quantity", "equipped", "attributes", "acquired"))
 
     @task(MIX.get("match_result", 0))
     def match_result(self) -> None:
         """What the service's PocketBase side does: read the two stats rows, then one batch."""
         body = self.match_body()
-        who = " || ".join(f"user='{p}'" for p in body["players"])
-        with self.client.get("/api/collections/user_stats/records", headers=self.auth, name="match_result_lookup",
-                             params={"filter": f"season='{self.season}' && ({who})", "fields": "id,user,rating",
-                                     "skipTotal": 1}, catch_response=True) as resp:
-            stats = {it["user"]: it["id"] for it in resp.json()["items"]} if resp.status_code == 200 else {}
+        s, pa, m, u = "user_stats", "participants", "matches", "users"
+        who = " || ".join(f"{F(s, 'user')}='{p}'" for p in body["players"])
+        with self.client.get(f"/api/collections/{C(s)}/records", headers=self.auth, name="match_result_lookup",
+                             params={"filter": f"{F(s, 'season')}='{self.season}' && ({who})",
+                                     "fields": fields(s, "id", "user", "rating"), "skipTotal": 1},
+                             catch_response=True) as resp:
+            stats = {it[F(s, "user")]: it["id"] for it in resp.json()["items"]} if resp.status_code == 200 else {}
         game_id = "".join(random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(15))
-        reqs = [{"method": "POST", "url": "/api/collections/matches/records", "body": {
-            "id": game_id, "season": self.season, "mode": "ranked", "status": "finished", "map": body["map"],
-            "players": body["players"], "winner": body["winner"]}}]
+        reqs = [{"method": "POST", "url": f"/api/collections/{C(m)}/records", "body": {
+            F(m, "id"): game_id, F(m, "season"): self.season, F(m, "mode"): "ranked", F(m, "status"): "finished",
+            F(m, "map"): body["map"], F(m, "players"): body["players"], F(m, "winner"): body["winner"]}}]
         for i, pid in enumerate(body["players"]):
             won = pid == body["winner"]
-            reqs.append({"method": "POST", "url": "/api/collections/participants/records", "body": {
-                "match": game_id, "user": pid, "team": 1 + i, "score": body["scores"][pid], "placement": 1 + i}})
+            reqs.append({"method": "POST", "url": f"/api/collections/{C(pa)}/records", "body": {
+                F(pa, "match"): game_id, F(pa, "user"): pid, F(pa, "team"): 1 + i, F(pa, "score"): body["scores"][pid],
+                F(pa, "placement"): 1 + i}})
             if pid in stats:
-                reqs.append({"method": "PATCH", "url": f"/api/collections/user_stats/records/{stats[pid]}", "body": {
-                    "games_played+": 1, "wins+": int(won), "losses+": int(not won), "rating+": 16 if won else -16}})
+                reqs.append({"method": "PATCH", "url": f"/api/collections/{C(s)}/records/{stats[pid]}", "body": {
+                    F(s, "games_played") + "+": 1, F(s, "wins") + "+": int(won), F(s, "losses") + "+": int(not won),
+                    F(s, "rating") + "+": 16 if won else -16}})
             else:
-                reqs.append({"method": "POST", "url": "/api/collections/user_stats/records", "body": {
-                    "user": pid, "season": self.season, "games_played": 1, "wins": int(won),
-                    "losses": int(not won), "rating": 1016 if won else 984}})
-            reqs.append({"method": "PATCH", "url": f"/api/collections/users/records/{pid}", "body": {"xp+": 10}})
+                reqs.append({"method": "POST", "url": f"/api/collections/{C(s)}/records", "body": {
+                    F(s, "user"): pid, F(s, "season"): self.season, F(s, "games_played"): 1, F(s, "wins"): int(won),
+                    F(s, "losses"): int(not won), F(s, "rating"): 1016 if won else 984}})
+            reqs.append({"method": "PATCH", "url": f"/api/collections/{C(u)}/records/{pid}",
+                         "body": {F(u, "xp") + "+": 10}})
         self.client.post("/api/batch", json={"requests": reqs}, headers=self.auth, name="match_result")
 
 

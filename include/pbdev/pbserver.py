@@ -251,6 +251,11 @@ class PocketBaseServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (the load test measures its CPU)."""
+        return self._proc.pid if self.running and self._proc else None
+
     def _cli(self, *args: str) -> str:
         """Run one CLI command against the data dir; stdout on success, else RuntimeError."""
         proc = subprocess.run([str(self.binary), *args, f"--dir={self.data_dir}", *self._flags],

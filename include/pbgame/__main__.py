@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request is too many
     uvicorn.run("pbgame.service:build_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 loop="uvloop", http="httptools", access_log=False, log_level="warning", timeout_graceful_shutdown=5,
-                timeout_keep_alive=args.keep_alive, backlog=4096)
+                timeout_keep_alive=args.keep_alive, backlog=4096,
+                proxy_headers=False)  # the service reads X-Forwarded-For itself, only with PBG_TRUST_PROXY
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from pbgame.schema import GameSchema
+from pbgame.schema import GameSchema, ShapeError, missing, required_columns, shape_error
 from pbmigrate.cache.keys import leaderboard_query, profile_mapping, profile_query
 from pbmigrate.plan.ddl import staging_schema
 
@@ -95,6 +95,21 @@ class PgStore:
             await self.resolve()
             return await fn()
 
+    async def check_shape(self) -> None:
+        """Every table and column the queries use exists in the served schema, or one line naming what does not."""
+        need = required_columns(self.game)
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT c.relname, a.attname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace "
+                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+                "WHERE s.nspname = %s AND c.relname = ANY(%s)", (self.schema, list(need)))
+            have: dict[str, set[str]] = {}
+            for table, column in await cur.fetchall():
+                have.setdefault(table, set()).add(column)
+        gaps = missing(have, need)
+        if gaps:
+            raise ShapeError(shape_error(f"PostgreSQL schema {self.schema}", gaps, self.game.mapping))
+
     async def prepare(self) -> None:
         """Read the profile columns' types (the cache's text needs them) and build the queries."""
         n, spec = self.game.names, self.game.profile
@@ -104,8 +119,7 @@ class PgStore:
                 "ON c.oid = a.attrelid JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = %s "
                 "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped", (self.schema, spec.table))
             self.profile_types = dict(await cur.fetchall())
-        if not self.profile_types:
-            raise RuntimeError(f"table {self.schema}.{spec.table} does not exist")
+        await self.check_shape()
         self.q_profile = profile_query(self.schema, spec, self.profile_types, one=True)
         self.q_board = leaderboard_query(self.schema, self.game.leaderboard, one_season=True)
         u = "users"
@@ -125,6 +139,45 @@ class PgStore:
         ).format(id=self._c(i, "id"), item=self._c(i, "item"), qty=self._c(i, "quantity"),
                  eq=self._c(i, "equipped"), attrs=self._c(i, "attributes"), acq=_date(n.col(i, "acquired")),
                  t=self._t(i), user=self._c(i, "user"))
+        self._prepare_writes()
+        # Queries as text, once: a Composed object is rendered again on every execute (its
+        # identifiers re-quoted), which was 4-7 % of the service's CPU under load.
+        async with self.pool.connection() as conn:
+            for name in ("q_profile", "q_board", "q_login", "q_history", "q_inventory", "q_match", "q_junction",
+                         "q_participant", "q_stats", "q_xp"):
+                query = getattr(self, name)
+                if query is not None:
+                    setattr(self, name, query.as_string(conn))
+
+    def _prepare_writes(self) -> None:
+        """The match result's statements (see `record_match`)."""
+        n = self.game.names
+        m, p, s, u = "matches", "participants", "user_stats", "users"
+        self.q_match = sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}) "
+                               "VALUES (%s, %s, %s, 'finished', %s, %s, now(), now(), now(), now())").format(
+            self._t(m), *(self._c(m, f) for f in ("id", "season", "mode", "status", "map", "winner",
+                                                  "started", "ended", "created", "updated")))
+        junction = n.junctions.get("matches.players")
+        self.q_junction = None
+        if junction:
+            jt, owner, target = junction
+            self.q_junction = sql.SQL("INSERT INTO {}.{} ({}, {}, position) VALUES (%s, %s, %s)").format(
+                sql.Identifier(self.schema), sql.Identifier(jt), sql.Identifier(owner), sql.Identifier(target))
+        self.q_participant = sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}) "
+                                     "VALUES (%s, %s, %s, %s, %s, %s, now(), now())").format(
+            self._t(p), *(self._c(p, f) for f in ("id", "match", "user", "team", "score", "placement",
+                                                  "created", "updated")))
+        su, ss = self._c(s, "user"), self._c(s, "season")
+        gp, w, lo, r = (self._c(s, f) for f in ("games_played", "wins", "losses", "rating"))
+        self.q_stats = sql.SQL(
+            "INSERT INTO {t} ({id}, {su}, {ss}, {gp}, {w}, {lo}, {r}, {cr}, {up}) "
+            "VALUES (%s, %s, %s, 1, %s, %s, 1000 + %s, now(), now()) "
+            "ON CONFLICT ({su}, {ss}) DO UPDATE SET {gp} = {t}.{gp} + 1, {w} = {t}.{w} + EXCLUDED.{w}, "
+            "{lo} = {t}.{lo} + EXCLUDED.{lo}, {r} = {t}.{r} + %s, {up} = now() RETURNING {su}, {r}"
+        ).format(t=self._t(s), id=self._c(s, "id"), su=su, ss=ss, gp=gp, w=w, lo=lo, r=r,
+                 cr=self._c(s, "created"), up=self._c(s, "updated"))
+        self.q_xp = sql.SQL("UPDATE {} SET {} = {} + %s, {} = now() WHERE {} = ANY(%s)").format(
+            self._t(u), self._c(u, "xp"), self._c(u, "xp"), self._c(u, "updated"), self._c(u, "id"))
 
     def typed_profile(self, player_id: str, row: dict[str, str]) -> dict[str, Any]:
         return {"id": player_id, **{k: typed(v, self.profile_types.get(k)) for k, v in row.items() if v != ""}}
@@ -174,51 +227,26 @@ class PgStore:
 
     async def _record_match(self, season: str, mode: str, map_name: str, players: Sequence[str], winner: str,
                             scores: dict[str, float]) -> tuple[str, dict[str, float]]:
-        n = self.game.names
+        # One transaction; each executemany is pipelined (one round trip for all its rows).
         game_id = new_id()
-        m, p, s, u = "matches", "participants", "user_stats", "users"
         placement = {pid: i for i, pid in enumerate(sorted(players, key=lambda x: -scores.get(x, 0.0)), start=1)}
         ratings: dict[str, float] = {}
         async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}) "
-                        "VALUES (%s, %s, %s, 'finished', %s, %s, now(), now(), now(), now())").format(
-                    self._t(m), *(self._c(m, f) for f in ("id", "season", "mode", "status", "map", "winner",
-                                                          "started", "ended", "created", "updated"))),
-                (game_id, season, mode, map_name, winner))
-            junction = n.junctions.get("matches.players")
-            if junction:
-                jt, owner, target = junction
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        sql.SQL("INSERT INTO {}.{} ({}, {}, position) VALUES (%s, %s, %s)").format(
-                            sql.Identifier(self.schema), sql.Identifier(jt), sql.Identifier(owner),
-                            sql.Identifier(target)),
-                        [(game_id, pid, i) for i, pid in enumerate(players)])
+            await conn.execute(self.q_match, (game_id, season, mode, map_name, winner))
             async with conn.cursor() as cur:
-                await cur.executemany(
-                    sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}) "
-                            "VALUES (%s, %s, %s, %s, %s, %s, now(), now())").format(
-                        self._t(p), *(self._c(p, f) for f in ("id", "match", "user", "team", "score", "placement",
-                                                              "created", "updated"))),
-                    [(new_id(), game_id, pid, 1 + i % 2, float(scores.get(pid, 0.0)), placement[pid])
-                     for i, pid in enumerate(players)])
-            su, ss = self._c(s, "user"), self._c(s, "season")
-            gp, w, lo, r = (self._c(s, f) for f in ("games_played", "wins", "losses", "rating"))
-            upsert = sql.SQL(
-                "INSERT INTO {t} ({id}, {su}, {ss}, {gp}, {w}, {lo}, {r}, {cr}, {up}) "
-                "VALUES (%s, %s, %s, 1, %s, %s, 1000 + %s, now(), now()) "
-                "ON CONFLICT ({su}, {ss}) DO UPDATE SET {gp} = {t}.{gp} + 1, {w} = {t}.{w} + EXCLUDED.{w}, "
-                "{lo} = {t}.{lo} + EXCLUDED.{lo}, {r} = {t}.{r} + %s, {up} = now() RETURNING {r}"
-            ).format(t=self._t(s), id=self._c(s, "id"), su=su, ss=ss, gp=gp, w=w, lo=lo, r=r,
-                     cr=self._c(s, "created"), up=self._c(s, "updated"))
-            for pid in players:
-                won = pid == winner
-                delta = RATING_STEP if won else -RATING_STEP
-                cur = await conn.execute(upsert, (new_id(), pid, season, int(won), int(not won), delta, delta))
-                ratings[pid] = float((await cur.fetchone())[0])
-            await conn.execute(
-                sql.SQL("UPDATE {} SET {} = {} + %s, {} = now() WHERE {} = ANY(%s)").format(
-                    self._t(u), self._c(u, "xp"), self._c(u, "xp"), self._c(u, "updated"), self._c(u, "id")),
-                (XP_PER_GAME, list(players)))
+                if self.q_junction:
+                    await cur.executemany(self.q_junction, [(game_id, pid, i) for i, pid in enumerate(players)])
+                await cur.executemany(self.q_participant, [
+                    (new_id(), game_id, pid, 1 + i % 2, float(scores.get(pid, 0.0)), placement[pid])
+                    for i, pid in enumerate(players)])
+                deltas = [RATING_STEP if pid == winner else -RATING_STEP for pid in players]
+                await cur.executemany(self.q_stats, [
+                    (new_id(), pid, season, int(pid == winner), int(pid != winner), d, d)
+                    for pid, d in zip(players, deltas)], returning=True)
+                while True:
+                    for player, rating in await cur.fetchall():
+                        ratings[player] = float(rating)
+                    if not cur.nextset():
+                        break
+            await conn.execute(self.q_xp, (XP_PER_GAME, list(players)))
         return game_id, ratings

@@ -36,7 +36,7 @@ from starlette.routing import Route
 from pbgame.acache import BackendFlag, Leaderboards, Matchmaking, Profiles, RateLimit, Sessions, connect
 from pbgame.pbstore import SAFE, PbStore
 from pbgame.pgstore import PgStore
-from pbgame.schema import GameSchema, load_schema
+from pbgame.schema import GameSchema, ShapeError, load_schema
 
 log = logging.getLogger("pbgame")
 MAX_LIMIT = 100
@@ -298,6 +298,10 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
             raise HTTPError(429, f"too many {action} requests; retry in {decision.reset_after:.0f} s")
 
     def endpoint(name: str, handler: Callable[[Request, str], Awaitable[Any]]):
+        # The labelled children, found once: labels() hashes its arguments under a lock per call.
+        counted: dict[tuple[str, int], Any] = {}
+        timed: dict[str, Any] = {}
+
         async def run(request: Request) -> Response:
             started = time.perf_counter()
             backend = await svc.flag.get()
@@ -309,8 +313,15 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
             except Exception as exc:
                 log.exception("%s on %s failed", name, backend)
                 response = JSONResponse({"message": f"{type(exc).__name__}"}, status_code=502)
-            m.requests.labels(name, backend, f"{response.status_code // 100}xx").inc()
-            m.latency.labels(name, backend).observe(time.perf_counter() - started)
+            status = response.status_code // 100
+            counter = counted.get((backend, status))
+            if counter is None:
+                counter = counted[(backend, status)] = m.requests.labels(name, backend, f"{status}xx")
+            counter.inc()
+            hist = timed.get(backend)
+            if hist is None:
+                hist = timed[backend] = m.latency.labels(name, backend)
+            hist.observe(time.perf_counter() - started)
             return response
 
         return run
@@ -434,7 +445,11 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        await svc.start()
+        try:
+            await svc.start()
+        except ShapeError as exc:  # one line naming what is missing, not a traceback around it
+            log.error("%s", exc)
+            raise SystemExit(3) from None
         try:
             yield
         finally:

@@ -25,7 +25,7 @@ from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.guard import target_lock
 from pbmigrate.cache import warmup
 from pbmigrate.context import checked_run, open_run_source, run_dir, run_plan
-from pbmigrate.cutover import promote
+from pbmigrate.cutover import loadgate, promote
 from pbmigrate.errors import ParamError
 from pbmigrate.load.batch import BatchResult, load_batch
 from pbmigrate.load.finalize import ORPHAN_MODES, finalize
@@ -331,6 +331,19 @@ def hold(run: dict, pg_url: str) -> dict:
 
 def roll_back(run: dict, pg_url: str, redis_url: str | None, verdict: dict) -> None:
     promote.roll_back_run(checked_run(run), pg_url, redis_url, verdict)
+
+
+def loadtest(run: dict, pg_url: str, params: dict, mix: str = "", dag_run_id: str | None = None) -> dict:
+    """Param loadtest: the game service on the staging schema against PocketBase on the run's
+    snapshot, recorded in pbm_meta.loadtests; with loadtest_gate a miss refuses promotion."""
+    return loadgate.loadtest_step(checked_run(run), pg_url, loadgate.options(params, mix), stage="migration",
+                                  dag_run_id=dag_run_id)
+
+
+def loadtest_before_action(action: str, target_schema: str, pg_url: str, params: dict, mix: str = "",
+                           dag_run_id: str | None = None) -> dict:
+    """`pocketbase_cutover`: the same load test of the run waiting in staging, before action=cutover only."""
+    return loadgate.before_action(action, target_schema, pg_url, loadgate.options(params, mix), dag_run_id=dag_run_id)
 
 
 def cutover_action(action: str, target_schema: str, pg_url: str, redis_url: str | None, reason: str = "") -> dict:

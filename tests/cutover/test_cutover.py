@@ -241,6 +241,7 @@ def test_dag_manual_cutover_then_cutover_dag_rollback_restores_previous_live(
 
     # Nothing waits in staging now: the cut-over refuses, and fails at once instead of retrying.
     dr = _dag(run_dag, "pocketbase_cutover", {"action": "cutover", "target_schema": "live"}, fresh_pg_url, redis_url)
-    (apply,) = dr.get_task_instances()
-    assert dr.state == "failed" and apply.state == "failed"
+    states = {ti.task_id: ti for ti in dr.get_task_instances()}
+    apply = states["apply"]
+    assert dr.state == "failed" and apply.state == "failed" and states["loadtest"].state == "success"  # param off
     assert apply.try_number == 1 and apply.max_tries >= 1  # retries were allowed, and not used

@@ -167,6 +167,37 @@ CREATE TABLE IF NOT EXISTS pbm_meta.files (
     ("0005_batches_finished_at_clock_time", """
 ALTER TABLE pbm_meta.batches ALTER COLUMN finished_at SET DEFAULT clock_timestamp();
 """),
+    ("0006_loadtests", """
+CREATE TABLE IF NOT EXISTS pbm_meta.loadtests (
+    id                      bigserial PRIMARY KEY,
+    run_id                  text NOT NULL,
+    dag_run_id              text,
+    stage                   text NOT NULL,          -- 'migration' (before promote) or 'cutover' (pocketbase_cutover)
+    target_schema           text NOT NULL,
+    schema_tested           text NOT NULL,          -- the staging schema the service served
+    users                   integer NOT NULL,
+    duration_s              integer NOT NULL,       -- per step
+    mix                     text NOT NULL,
+    pocketbase_capacity_rps double precision,       -- NULL: no PocketBase reference (API mode)
+    postgres_capacity_rps   double precision,
+    improvement             double precision,       -- postgres / pocketbase capacity, same run
+    rps                     double precision,       -- the new stack's players run
+    p50_ms                  double precision,
+    p95_ms                  double precision,
+    p99_ms                  double precision,
+    error_rate              double precision,
+    gate                    boolean NOT NULL,       -- loadtest_gate: a failed verdict refuses promotion
+    min_improvement         double precision NOT NULL,
+    max_error_rate          double precision NOT NULL,
+    passed                  boolean NOT NULL,
+    reasons                 jsonb NOT NULL DEFAULT '[]',
+    report                  jsonb NOT NULL,         -- the runner's JSON: figures and config, no secrets
+    report_path             text,
+    seconds                 double precision,
+    created_at              timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS loadtests_run_idx ON pbm_meta.loadtests (run_id);
+"""),
 ]
 
 _LEDGER = """

@@ -469,6 +469,16 @@ def _run_row(conn: psycopg.Connection, run_id: str) -> dict:
     return dict(zip(keys, row))
 
 
+def waiting_run(target_schema: str, pg_url: str) -> dict | None:
+    """The latest run of `target_schema` if it passed the gate and waits in staging (what
+    action=cutover would promote), else None."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        latest = _latest_run(conn, target_schema)
+        if latest is None or latest[1] not in ("ready", "validated"):
+            return None
+        return _run_row(conn, latest[0])
+
+
 def run_action(action: str, target_schema: str, pg_url: str, redis_url: str | None,
                reason: str = "") -> dict[str, Any]:
     """The pocketbase_cutover DAG: promote the run waiting in staging, or roll back one step."""

@@ -18,6 +18,7 @@ derive:                                # views over the migrated tables, not cop
   leaderboard: "SELECT ... FROM {schema}.player_stats"   # collection of that name is not copied
 skip: [logs]                           # collections not migrated at all
 cache: {...}                           # Redis warm-up, read by pbmigrate.cache.warmup
+game: {...}                            # the game service's roles, read by pbgame.schema
 ```
 """
 
@@ -77,6 +78,7 @@ class MappingFile(_Strict):
     derive: dict[str, str] = {}
     skip: frozenset[str] = frozenset()
     cache: dict[str, Any] = {}
+    game: dict[str, Any] = {}  # passed through: the game service (pbgame.schema) checks it
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Mapping:
     cache: dict[str, Any] = field(default_factory=dict)
     source: str = "(identity)"
     derive: dict[str, str] = field(default_factory=dict)  # view name -> SELECT with {schema}
+    game: dict[str, Any] = field(default_factory=dict)  # the game service's roles (pbgame.schema)
 
     def for_collection(self, name: str) -> CollectionMap:
         return self.collections.get(name, CollectionMap())
@@ -183,7 +186,7 @@ def parse_mapping(doc: Any, source: str) -> Mapping:
     for name, sql in derive.items():
         if not str(sql).strip():
             raise MappingError(f"mapping {source}: derive.{name}: empty SQL")
-    return Mapping(dict(m.collections), m.skip, dict(m.cache), source, derive)
+    return Mapping(dict(m.collections), m.skip, dict(m.cache), source, derive, dict(m.game))
 
 
 def validate_mapping(mapping: Mapping, catalog: Catalog) -> None:
