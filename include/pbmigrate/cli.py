@@ -13,6 +13,8 @@ import sys
 from pbmigrate.errors import PbmError
 
 
+# Each command imports what it needs when it runs: `pbmigrate --help` and a bad argument answer at
+# once, without loading Arrow, DuckDB and GX.
 def _assess(args: argparse.Namespace) -> int:
     from pbmigrate.plan.mapping import load_mapping
     from pbmigrate.validate.assess import assess, render

@@ -95,3 +95,12 @@ def run_plan(run: dict, source: Source) -> Plan:
     p = run["params"]
     return build_plan(source.catalog(), load_mapping(p["mapping"]), collections=p["collections"],
                       has_secrets=source.has_secrets)
+
+
+def source_plan(run: dict, api: dict | None = None) -> Plan:
+    """The run's plan, for a task that needs the plan only: the source is opened and closed again."""
+    source = open_run_source(run, api)
+    try:
+        return run_plan(run, source)
+    finally:
+        source.close()

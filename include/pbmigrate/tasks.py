@@ -24,7 +24,7 @@ from pbmigrate import resync as resync_stage
 from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.guard import target_lock
 from pbmigrate.cache import warmup
-from pbmigrate.context import checked_run, open_run_source, run_dir, run_plan
+from pbmigrate.context import checked_run, open_run_source, run_dir, run_plan, source_plan
 from pbmigrate.cutover import loadgate, promote
 from pbmigrate.errors import ParamError
 from pbmigrate.load.batch import BatchResult, load_batch
@@ -130,11 +130,7 @@ def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
 
 def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
     run = checked_run(run)
-    source = open_run_source(run, api)
-    try:
-        plan = run_plan(run, source)
-    finally:
-        source.close()
+    plan = source_plan(run, api)
     for w in plan.warnings:
         log.warning("%s", w)
     with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
@@ -267,11 +263,7 @@ def unit_line(results: list[dict]) -> str:
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
     run = checked_run(run)
-    source = open_run_source(run, api)
-    try:
-        plan = run_plan(run, source)
-    finally:
-        source.close()
+    plan = source_plan(run, api)
     started = time.monotonic()
     with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
             psycopg.connect(pg_url, autocommit=True) as conn:

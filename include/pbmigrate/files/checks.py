@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from pbmigrate.audit.meta import ensure_meta
+from pbmigrate.audit.meta import Check, ensure_meta
 from pbmigrate.files.copy import EXAMPLES, WORKERS
 from pbmigrate.files.ledger import read_ledger
 from pbmigrate.files.refs import Ref, file_tables, target_refs
@@ -83,8 +83,6 @@ def check_table_files(conn: psycopg.Connection, store: FileStore, table: Table, 
 
 def file_checks(conn: psycopg.Connection, plan: Plan, run: dict, files: dict | str | None = None) -> list[Any]:
     """Validation's `files` check per table with file fields (recorded with the others in pbm_meta.checks)."""
-    from pbmigrate.audit.meta import Check
-
     tables = file_tables(plan)
     if not tables:
         return []

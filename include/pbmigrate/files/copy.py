@@ -14,8 +14,9 @@ from typing import Any
 
 import psycopg
 
+from pbmigrate.audit.guard import target_lock
 from pbmigrate.audit.meta import ensure_meta
-from pbmigrate.context import open_run_source, run_plan
+from pbmigrate.context import open_run_source, run_plan, source_plan
 from pbmigrate.errors import ParamError
 from pbmigrate.files.ledger import STAGE, Outcome, record_outcomes
 from pbmigrate.files.refs import Ref, file_columns, file_tables, id_range, target_refs
@@ -147,11 +148,7 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
     """The data phase's id ranges of every collection with file fields (largest first), one
     mapped task each: the ranges the ledger proves loaded, so the names come from the target.
     Also writes the store's id -> name index, here, once, before the copies run in parallel."""
-    source = open_run_source(run, api)
-    try:
-        plan = run_plan(run, source)
-    finally:
-        source.close()
+    plan = source_plan(run, api)
     wanted = {t.collection.name: t for t in file_tables(plan)}
     if not wanted:
         log.info("no collection of this migration has a file field: nothing to copy")
@@ -178,7 +175,6 @@ def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batch
 def copy_batch(run: dict, batch: dict, pg_url: str, files: dict | str | None = None,
                api: dict | None = None) -> dict:
     """One mapped task of the `files` group: the files of one id range, into the store."""
-    from pbmigrate.audit.guard import target_lock
     store = open_store(store_config(files, run["target_schema"]))
     source = open_run_source(run, api)
     try:

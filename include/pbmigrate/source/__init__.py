@@ -79,7 +79,8 @@ def plan_ranges(source: Source, coll: Collection, batch_size: int) -> list[IdRan
 
 
 def open_source(source_path: str | None = None, **api: object) -> Source:
-    """A SQLite source for a path, else an API source for url/email/password."""
+    """A SQLite source for a path, else an API source for url/email/password. (The readers import
+    this module's `Source` and range helpers, so they are imported here, when one is opened.)"""
     if source_path:
         from pbmigrate.source.sqlite import SqliteSource
 
