@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from pbmigrate.errors import PbmError
 
@@ -40,8 +41,6 @@ def _open(args: argparse.Namespace):
 
 
 def _mapping_init(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pbmigrate.plan.starter import starter_mapping
     from pbmigrate.preflight import safe_url
 

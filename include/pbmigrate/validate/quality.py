@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,8 +395,6 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
                   workers: int = 2) -> list[Check]:
     """Source coverage and per-batch checksums of every table, on connections of their own
     (`workers` tables at a time, largest first: each is one long aggregate inside PostgreSQL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
 
@@ -452,8 +451,6 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
     a re-sync) the tables are compared with it first instead, in this thread (a SQLite connection
     stays in its thread).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     started = time.monotonic()
     run_id, schema = run["run_id"], run["staging_schema"]
     out_dir.mkdir(parents=True, exist_ok=True)
