@@ -215,7 +215,7 @@ def source_params(*, recorded: bool = False) -> dict[str, Param]:
 
 
 def loadtest_params() -> dict[str, Param]:
-    """The optional load test before promotion (pbmigrate.loadgate), shared by the migration and
+    """The optional load test before promotion (pbmigrate.cutover.loadgate), shared by the migration and
     cut-over DAGs."""
     return {
         "loadtest": Param(False, type="boolean",
