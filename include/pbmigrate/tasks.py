@@ -24,7 +24,7 @@ from pbmigrate import resync as resync_stage
 from pbmigrate.audit import meta, metrics
 from pbmigrate.audit.guard import target_lock
 from pbmigrate.cache import warmup
-from pbmigrate.context import checked_run, open_run_source, run_dir, run_plan, source_plan
+from pbmigrate.context import RunContext, RunParams, checked_run, open_run_source, run_dir, run_plan, source_plan
 from pbmigrate.cutover import loadgate, promote
 from pbmigrate.errors import ParamError
 from pbmigrate.load.batch import BatchResult, load_batch
@@ -43,7 +43,8 @@ log = logging.getLogger("pbmigrate")
 
 
 def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size: int,
-               collections: list[str] | None, orphans: str) -> dict[str, Any]:
+               collections: list[str] | None, orphans: str) -> RunParams:
+    """The params that shape a run, checked and normalised (a resumed run must match them)."""
     if orphans not in ORPHAN_MODES:
         raise ParamError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     if int(batch_size) < 1:
@@ -58,7 +59,7 @@ def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size
     }
 
 
-def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = None) -> dict:
+def prepare(*, params: RunParams, pg_url: str, dag_run_id: str, api: dict | None = None) -> RunContext:
     """Check the target and the mapping, resume an unfinished run or snapshot the source for a new one.
 
     Whatever a retry cannot fix fails here, in the first task, before anything is written to the
@@ -78,7 +79,7 @@ def prepare(*, params: dict, pg_url: str, dag_run_id: str, api: dict | None = No
         else:
             run_id, is_resumed = dag_run_id, False
             snapshot = _snapshot(params, run_id, api)
-        run = {
+        run: RunContext = {
             "run_id": run_id,
             "dag_run_id": dag_run_id,
             "target_schema": target,
