@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from pbmigrate.pgsql import qi
+from pbmigrate.pgsql import qi, ql
 from pbmigrate.plan.model import Column, Plan, Table
 
 
@@ -26,13 +26,9 @@ def _refs_sql(schema: str, table: Table, where: str) -> str:
     parts = []
     for c in file_columns(table):
         value = f"unnest(x.{qi(c.name)})" if c.type.endswith("[]") else f"x.{qi(c.name)}"
-        parts.append(f"SELECT x.id, {_lit(c.field.name)} AS field, {value} AS name "
+        parts.append(f"SELECT x.id, {ql(c.field.name)} AS field, {value} AS name "
                      f"FROM {qi(schema)}.{qi(table.name)} x WHERE {where}")
     return "SELECT id, field, name FROM (" + " UNION ALL ".join(parts) + ") r WHERE name IS NOT NULL AND name <> ''"
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def id_range(col: str, lo: str | None, hi: str | None) -> tuple[str, tuple]:
