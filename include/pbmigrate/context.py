@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import (
-    Any,
-    Literal,
-    NotRequired,  # pydantic needs these on Python < 3.12
-)
+from typing import Any, Literal, NotRequired
 
 from pydantic import TypeAdapter, ValidationError
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic refuses typing.TypedDict on Python < 3.12
 
 from pbmigrate.errors import ParamError
 from pbmigrate.plan.mapping import load_mapping

@@ -142,8 +142,11 @@ class PocketBaseClient:
 
     def retrying(self, *errors: type[BaseException]) -> tenacity.Retrying:
         """This client's policy (attempts, backoff) over other failures, e.g. a download's."""
-        return tenacity.Retrying(retry=tenacity.retry_if_exception_type(errors), wait=_wait,
-                                 stop=tenacity.stop_after_attempt(self.retries + 1), reraise=True)
+        return self._policy(tenacity.retry_if_exception_type(errors))
+
+    def _policy(self, retry: tenacity.retry_base, **kwargs: Any) -> tenacity.Retrying:
+        return tenacity.Retrying(retry=retry, wait=_wait, stop=tenacity.stop_after_attempt(self.retries + 1),
+                                 reraise=True, **kwargs)
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -173,8 +176,7 @@ class PocketBaseClient:
         def count(_: tenacity.RetryCallState) -> None:
             self.retried += 1
 
-        retrying = tenacity.Retrying(retry=tenacity.retry_if_exception(worth_it), wait=_wait, before_sleep=count,
-                                     stop=tenacity.stop_after_attempt(self.retries + 1), reraise=True)
+        retrying = self._policy(tenacity.retry_if_exception(worth_it), before_sleep=count)
         try:
             return retrying(attempt)
         except (*NETWORK_ERRORS, Retryable) as exc:
