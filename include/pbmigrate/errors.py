@@ -40,6 +40,17 @@ class Refused(Permanent):
     """A request that cannot be met as things stand (nothing to cut over, a gate said no)."""
 
 
+class ResyncRefused(Refused):
+    """The re-sync must not run against this target now (cut over, nothing loaded, params differ)."""
+
+
+class TargetCutOver(ResyncRefused):
+    """The target was cut over: PostgreSQL is the source of truth, there is nothing to re-sync.
+
+    Its own class so a scheduled run can end as skipped (a state, not a fault) while every other
+    refusal still fails."""
+
+
 class TargetError(PbmError):
     """PostgreSQL or Redis is unreachable or failed."""
 

@@ -7,6 +7,10 @@ checks it on arrival. API credentials are not in it; tasks get them from the con
 
 The prepare and load steps live here (they only wire the stages together); the other stages'
 task functions are one-line calls into their packages, so that this module reads as the pipeline.
+
+Each function imports the stages it calls when it runs, not this module: every Airflow task is a
+process of its own that imports this module, and a gate or a branch that loaded the whole engine
+(Arrow, DuckDB, GX's helpers, the re-sync) spent about a second on it before doing a thing.
 """
 
 from __future__ import annotations
@@ -15,29 +19,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pbmigrate import files as files_stage
-from pbmigrate import resync as resync_stage
-from pbmigrate.audit import meta, metrics
-from pbmigrate.audit.guard import target_lock
-from pbmigrate.cache import warmup
 from pbmigrate.context import RunContext, RunParams, checked_run, open_run_source, run_dir, run_plan, source_plan
-from pbmigrate.cutover import loadgate, promote
 from pbmigrate.errors import ParamError
-from pbmigrate.load.batch import BatchResult, load_batch
-from pbmigrate.load.finalize import ORPHAN_MODES, finalize
-from pbmigrate.plan import ddl
-from pbmigrate.plan.mapping import Mapping, load_mapping
-from pbmigrate.plan.model import Plan, build_plan
-from pbmigrate.preflight import check_postgres, safe_url
-from pbmigrate.source import plan_ranges
-from pbmigrate.source.api import ApiSource
-from pbmigrate.source.snapshot import resolve_data_db, take_snapshot
-from pbmigrate.validate import assess as validate_assess
-from pbmigrate.validate import quality
+from pbmigrate.errors import TargetCutOver as TargetCutOver  # the re-sync DAG skips on it: cut over, not failed
+
+if TYPE_CHECKING:
+    from pbmigrate.plan.mapping import Mapping
+    from pbmigrate.plan.model import Plan
 
 log = logging.getLogger("pbmigrate")
 
@@ -45,6 +37,9 @@ log = logging.getLogger("pbmigrate")
 def run_params(*, source_path: str, target_schema: str, mapping: str, batch_size: int,
                collections: list[str] | None, orphans: str) -> RunParams:
     """The params that shape a run, checked and normalised (a resumed run must match them)."""
+    from pbmigrate.load.finalize import ORPHAN_MODES
+    from pbmigrate.source.snapshot import resolve_data_db
+
     if orphans not in ORPHAN_MODES:
         raise ParamError(f"param orphans must be one of {ORPHAN_MODES}, not {orphans!r}")
     if int(batch_size) < 1:
@@ -66,6 +61,12 @@ def prepare(*, params: RunParams, pg_url: str, dag_run_id: str, api: dict | None
     target: a missing privilege, a malformed mapping (before the snapshot), a mapping that names
     what the source lacks, a type override or `derive` SQL PostgreSQL refuses, a cache section
     naming a column no table has (the last two tried in a scratch schema that is rolled back)."""
+    from pbmigrate.audit import meta
+    from pbmigrate.audit.guard import target_lock
+    from pbmigrate.plan import ddl
+    from pbmigrate.plan.mapping import load_mapping
+    from pbmigrate.preflight import check_postgres, safe_url
+
     check_postgres(pg_url)
     mapping = load_mapping(params["mapping"])
     target = params["target_schema"]
@@ -101,6 +102,10 @@ def prepare(*, params: RunParams, pg_url: str, dag_run_id: str, api: dict | None
 def check_mapping(conn: psycopg.Connection, run: dict, mapping: Mapping, api: dict | None = None) -> Plan:
     """The mapping against this source's catalog, then its DDL, views and cache section tried by
     PostgreSQL in a scratch schema that is rolled back."""
+    from pbmigrate.cache import warmup
+    from pbmigrate.plan import ddl
+    from pbmigrate.plan.model import build_plan
+
     source = open_run_source(run, api)
     try:
         plan = build_plan(source.catalog(), mapping, collections=run["params"]["collections"],
@@ -113,6 +118,9 @@ def check_mapping(conn: psycopg.Connection, run: dict, mapping: Mapping, api: di
 
 
 def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
+    from pbmigrate.source.api import ApiSource
+    from pbmigrate.source.snapshot import take_snapshot
+
     dest = run_dir(params["target_schema"], run_id)
     if params["source_path"]:
         snap = take_snapshot(params["source_path"], dest / "data.db")
@@ -130,6 +138,9 @@ def _snapshot(params: dict, run_id: str, api: dict | None) -> str | None:
 
 
 def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
+    from pbmigrate.audit.guard import target_lock
+    from pbmigrate.plan import ddl
+
     run = checked_run(run)
     plan = source_plan(run, api)
     for w in plan.warnings:
@@ -161,6 +172,9 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
     neighbouring ranges of a collection are joined up to 1 / (`UNITS_PER_SLOT` x slots) of all
     rows, and tasks come largest first (schedulers start mapped tasks in map index order).
     `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
+    from pbmigrate.audit import metrics
+    from pbmigrate.source import plan_ranges
+
     run = checked_run(run)
     source = open_run_source(run, api)
     try:
@@ -221,6 +235,10 @@ def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:
 
 def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
     """Load one unit of `plan_batches` (or a single range): each range in its own transaction."""
+    from pbmigrate.audit import metrics
+    from pbmigrate.audit.guard import target_lock
+    from pbmigrate.load.batch import load_batch
+
     run = checked_run(run)
     ranges = batch.get("ranges") or [batch]
     source = open_run_source(run, api)
@@ -253,6 +271,8 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
 def unit_line(results: list[dict]) -> str:
     """The task's one-line summary when it loaded several ranges: the batches' own line over the
     task's span (its ranges are neighbours of one collection, in id order)."""
+    from pbmigrate.load.batch import BatchResult
+
     def total(key: str) -> Any:
         return sum(r[key] for r in results)
 
@@ -263,6 +283,10 @@ def unit_line(results: list[dict]) -> str:
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
+    from pbmigrate.audit import meta, metrics
+    from pbmigrate.audit.guard import target_lock
+    from pbmigrate.load.finalize import finalize
+
     run = checked_run(run)
     plan = source_plan(run, api)
     started = time.monotonic()
@@ -284,51 +308,73 @@ def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
 
 def assess(run: dict, pg_url: str, api: dict | None = None) -> dict:
     """The pre-migration assessment, recorded with the run; passes the run on."""
+    from pbmigrate.validate import assess as validate_assess
+
     validate_assess.assess_run(checked_run(run), pg_url, api=api)
     return run
 
 
 def plan_file_batches(run: dict, pg_url: str, api: dict | None = None, max_batches: int | None = None,
                       files: dict | None = None) -> list[dict]:
+    from pbmigrate import files as files_stage
+
     return files_stage.plan_file_batches(checked_run(run), pg_url, api=api, max_batches=max_batches, files=files)
 
 
 def copy_files(run: dict, batch: dict, pg_url: str, files: dict | None = None, api: dict | None = None) -> dict:
+    from pbmigrate import files as files_stage
+
     return files_stage.copy_batch(checked_run(run), batch, pg_url, files, api=api)
 
 
 def warm(run: dict, section: str, *, pg_url: str, redis_url: str) -> dict:
+    from pbmigrate.cache import warmup
+
     return warmup.warm_run(checked_run(run), section, pg_url=pg_url, redis_url=redis_url)
 
 
 def validate(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:
+    from pbmigrate.validate import quality
+
     return quality.validate_run(checked_run(run), pg_url, api=api, files=files)
 
 
 def gate(run: dict, pg_url: str, max_reject_ratio: float) -> dict:
+    from pbmigrate.cutover import promote
+
     return promote.gate(checked_run(run), pg_url, max_reject_ratio)
 
 
 def decide(verdict: dict, mode: str = "auto", **branches: str) -> str:
     """The task id the branch follows: cut over (or `cut_over=`), hold or roll back."""
+    from pbmigrate.cutover import promote
+
     return promote.decide(verdict, mode, **branches)
 
 
 def cut_over(run: dict, pg_url: str, redis_url: str) -> dict:
+    from pbmigrate.cutover import promote
+
     return promote.cut_over_run(checked_run(run), pg_url, redis_url)
 
 
 def hold(run: dict, pg_url: str) -> dict:
+    from pbmigrate.cutover import promote
+
     return promote.hold_run(checked_run(run), pg_url)
 
 
 def roll_back(run: dict, pg_url: str, redis_url: str | None, verdict: dict) -> None:
+    from pbmigrate.cutover import promote
+
     promote.roll_back_run(checked_run(run), pg_url, redis_url, verdict)
 
 
 def loadtest(run: dict, pg_url: str, params: dict, mix: str = "", dag_run_id: str | None = None) -> dict:
     """Param loadtest: the game service on the staging schema against PocketBase on the run's
     snapshot, recorded in pbm_meta.loadtests; with loadtest_gate a miss refuses promotion."""
+    from pbmigrate.cutover import loadgate
+
     return loadgate.loadtest_step(checked_run(run), pg_url, loadgate.options(params, mix), stage="migration",
                                   dag_run_id=dag_run_id)
 
@@ -336,11 +382,15 @@ def loadtest(run: dict, pg_url: str, params: dict, mix: str = "", dag_run_id: st
 def loadtest_before_action(action: str, target_schema: str, pg_url: str, params: dict, mix: str = "",
                            dag_run_id: str | None = None) -> dict:
     """`pocketbase_cutover`: the same load test of the run waiting in staging, before action=cutover only."""
+    from pbmigrate.cutover import loadgate
+
     return loadgate.before_action(action, target_schema, pg_url, loadgate.options(params, mix), dag_run_id=dag_run_id)
 
 
 def cutover_action(action: str, target_schema: str, pg_url: str, redis_url: str | None, reason: str = "") -> dict:
     """`pocketbase_cutover`: promote a held run, or roll the live schema back."""
+    from pbmigrate.cutover import promote
+
     return promote.run_action(action, target_schema, pg_url, redis_url, reason)
 
 
@@ -348,6 +398,8 @@ def resync(*, source_path: str | None, target_schema: str, mapping: str | None, 
            overlap_seconds: float, force: bool, pg_url: str, resync_id: str, api: dict | None = None,
            files: dict | None = None) -> dict:
     """`pocketbase_resync`: one incremental re-sync of the target's latest loaded run."""
+    from pbmigrate import resync as resync_stage
+
     return resync_stage.run_resync(source_path=source_path, target_schema=target_schema, mapping=mapping,
                                    collections=collections, overlap_seconds=overlap_seconds, force=force,
                                    pg_url=pg_url, resync_id=resync_id, api=api, files=files)
@@ -357,9 +409,9 @@ def final_sync(*, source_path: str | None, target_schema: str, mapping: str | No
                overlap_seconds: float, pg_url: str, dag_run_id: str, api: dict | None = None,
                files: dict | None = None) -> dict:
     """mode=final: the last re-sync with PocketBase frozen; returns the run context for the gates."""
+    from pbmigrate import resync as resync_stage
+
     return resync_stage.final_sync(source_path=source_path, target_schema=target_schema, mapping=mapping,
                                    collections=collections, overlap_seconds=overlap_seconds, pg_url=pg_url,
                                    dag_run_id=dag_run_id, api=api, files=files)
 
-
-TargetCutOver = resync_stage.TargetCutOver  # a scheduled re-sync after the cut-over: skipped, not failed

@@ -13,23 +13,12 @@ from dataclasses import dataclass
 import psycopg
 
 from pbmigrate.audit.meta import cut_over_in_effect
-from pbmigrate.errors import Refused
+from pbmigrate.errors import ResyncRefused, TargetCutOver
 from pbmigrate.plan.model import Plan
 
 log = logging.getLogger("pbmigrate.resync")
 
 UNLOADED_STATUSES = frozenset({"running", "failed", "rolled_back", "rolledback"})
-
-class ResyncRefused(Refused):
-    """The re-sync must not run against this target now (cut over, nothing loaded, params differ)."""
-
-
-class TargetCutOver(ResyncRefused):
-    """The target was cut over: PostgreSQL is the source of truth, there is nothing to re-sync.
-
-    Its own class so a scheduled run can end as skipped (a state, not a fault) while every other
-    refusal still fails."""
-
 
 @dataclass(frozen=True)
 class SyncTarget:
