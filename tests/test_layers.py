@@ -70,3 +70,18 @@ def test_dags_call_the_engine_through_tasks_only():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pbmigrate"):
                 imports.add((node.module, tuple(a.name for a in node.names)))
     assert imports == {("pbmigrate", ("tasks",))}
+
+
+def test_a_task_process_loads_only_the_stage_it_calls():
+    """Every Airflow task is a process that imports `pbmigrate.tasks`: a gate or a branch must not
+    pay for Arrow, DuckDB, GX or the re-sync (about a second and 80 MB here), only for its stage."""
+    data_path = ["pyarrow", "duckdb", "great_expectations", "pbmigrate.resync", "pbmigrate.load.batch",
+                 "pbmigrate.validate.quality"]
+    code = (f"import sys; from pbmigrate import tasks; loaded = lambda: [m for m in {[*data_path, 'redis']!r} "
+            "if m in sys.modules]; before = loaded()\n"
+            "from pbmigrate.cutover import promote\n"
+            "print(before, loaded())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "include"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[] ['redis']"  # the gate's stage needs Redis for the flag, nothing more
