@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -238,7 +239,8 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
     log.info("this task loaded %d of %d batches (%s rows); %d were done by another task or an earlier attempt",
              len(results), len(ranges), f"{sum(r['rows_read'] for r in results):,}", done_elsewhere)
     return {"label": batch["label"], "rows_read": sum(r["rows_read"] for r in results),
-            "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results}
+            "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # the budget: 400
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
