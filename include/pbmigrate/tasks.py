@@ -27,7 +27,7 @@ from pbmigrate.cache import warmup
 from pbmigrate.context import RunContext, RunParams, checked_run, open_run_source, run_dir, run_plan, source_plan
 from pbmigrate.cutover import loadgate, promote
 from pbmigrate.errors import ParamError
-from pbmigrate.load.batch import LOAD_SESSION, load_batch
+from pbmigrate.load.batch import load_batch
 from pbmigrate.load.finalize import ORPHAN_MODES, finalize
 from pbmigrate.plan import ddl
 from pbmigrate.plan.mapping import Mapping, load_mapping
@@ -209,9 +209,6 @@ def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> d
         plan = run_plan(run, source)
         with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
                 psycopg.connect(pg_url) as conn:
-            for sql in LOAD_SESSION:
-                conn.execute(sql)
-            conn.commit()
             passed = []
             for wait, todo in ((False, ranges), (True, passed)):
                 for r in todo:

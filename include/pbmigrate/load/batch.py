@@ -23,11 +23,6 @@ from pbmigrate.source import Source
 
 log = logging.getLogger(__name__)
 
-# Per load session. A batch's rows, rejects and ledger row commit together, so a commit lost to a
-# crash loses its ledger row too and the retry reloads exactly that batch: no need to wait for
-# each commit's WAL flush.
-LOAD_SESSION = ("SET synchronous_commit = off",)
-
 
 @dataclass
 class BatchResult:
