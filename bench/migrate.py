@@ -69,9 +69,13 @@ def run_pgloader(pb_data: Path) -> dict:
     load.write_text(f"LOAD DATABASE FROM sqlite://{pb_data / 'data.db'} INTO {url}\n"
                     f"WITH include drop, create tables, create indexes, reset sequences\n"
                     f"INCLUDING ONLY TABLE NAMES LIKE {names};\n")
-    t0 = time.monotonic()
-    proc = subprocess.run(["pgloader", str(load)], capture_output=True, text=True)
-    seconds = time.monotonic() - t0
+    for attempt in (1, 2):  # SBCL's heap ran out in some runs on a busy machine: the same command again
+        t0 = time.monotonic()
+        proc = subprocess.run(["pgloader", str(load)], capture_output=True, text=True)
+        seconds = time.monotonic() - t0
+        if proc.returncode == 0 or "Heap exhausted" not in proc.stderr:
+            break
+        print(f"pgloader attempt {attempt}: heap exhausted", flush=True)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     with psycopg.connect(url) as conn:
@@ -93,6 +97,7 @@ class PeakRss(threading.Thread):
         super().__init__(daemon=True)
         self.root = root
         self.peak = 0
+        self.by_pid: dict[int, int] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -103,7 +108,13 @@ class PeakRss(threading.Thread):
                 continue
             for p in procs:
                 with contextlib.suppress(psutil.Error):
-                    self.peak = max(self.peak, p.memory_info().rss)
+                    rss = p.memory_info().rss
+                    self.peak = max(self.peak, rss)
+                    self.by_pid[p.pid] = max(self.by_pid.get(p.pid, 0), rss)
+
+    def largest(self, n: int = 4) -> list[int]:
+        """The largest peaks of single processes, in MB."""
+        return sorted((round(v / 2**20) for v in self.by_pid.values()), reverse=True)[:n]
 
 
 def run_dag(pb_data: Path, batch_size: int, slots: int) -> dict:
@@ -154,7 +165,8 @@ def run_dag(pb_data: Path, batch_size: int, slots: int) -> dict:
                 os.killpg(proc.pid, signal.SIGTERM)
     data = _data_group(meta_url, target_url)
     data.update(state=state, dag_seconds=round(total, 2), peak_task_rss_mb=round(monitor.peak / 2**20),
-                batch_size=batch_size, slots=slots, gaps=scheduling_gaps(meta_url))
+                largest_process_peaks_mb=monitor.largest(), batch_size=batch_size, slots=slots,
+                gaps=scheduling_gaps(meta_url))
     shutil.rmtree(home, ignore_errors=True)
     return data
 
@@ -272,10 +284,19 @@ def _data_group(meta_url: str, target_url: str) -> dict:
         seconds = _group_seconds(conn, "data")
         validate = _group_seconds(conn, "validate")
         tasks = conn.execute("SELECT count(*) FROM task_instance WHERE task_id = 'data.load'").fetchone()[0]
+        load_rss = [v for (v,) in conn.execute(  # each load task's own ru_maxrss, from its XCom
+            "SELECT (value->>'peak_rss_mb')::int FROM xcom WHERE task_id = 'data.load' AND key = 'return_value' "
+            "ORDER BY map_index") if v is not None]
+        spans = {f"{t}[{i}]" if i >= 0 else t: round(d, 2) for t, i, d in conn.execute(
+            "SELECT task_id, map_index, duration FROM task_instance WHERE dag_id = 'pocketbase_migration' "
+            "AND duration IS NOT NULL AND (task_id LIKE 'data.%%' OR task_id = 'prepare.assess') ORDER BY start_date")}
+        finalize = conn.execute("SELECT value FROM xcom WHERE task_id = 'data.finalize' AND key = 'return_value'"
+                                ).fetchone()
     with psycopg.connect(target_url) as conn:
         rows, junction = conn.execute("SELECT sum(rows_loaded), sum(junction_rows) FROM pbm_meta.batches").fetchone()
     return {"rows": int(rows), "junction_rows": int(junction), "data_seconds": round(seconds, 2),
-            "rows_per_s": round(int(rows) / seconds), "batch_tasks": tasks,
+            "rows_per_s": round(int(rows) / seconds), "batch_tasks": tasks, "load_task_peak_rss_mb": load_rss,
+            "task_seconds": spans, "finalize": finalize[0] if finalize else None,
             "validate_seconds": round(validate, 2), "validate_adds": round(validate / seconds, 2)}
 
 

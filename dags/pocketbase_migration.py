@@ -2,9 +2,9 @@
 ### PocketBase -> PostgreSQL + Redis: full migration
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
-snapshot of the source, then the pre-migration assessment beside the load: it only reads the
-snapshot), **schema** (typed tables in the staging schema), **data** (batches planned beside the
-schema, one mapped task per id range, then keys, indexes and foreign keys), **files**
+snapshot of the source; the pre-migration assessment runs beside finalize: the load's own pass
+found the bad values), **schema** (typed tables in the staging schema), **data** (batches planned beside the
+schema, one load task per slot sharing the id ranges, then keys, indexes and foreign keys), **files**
 (the uploads behind every file field, one mapped task per id range, into the `pbm_files` store), **cache**
 (warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
 **validate** (one GX checkpoint per table, per-batch checksums, then the gate), the optional
@@ -92,7 +92,7 @@ def pocketbase_migration():
 
         snap = snapshot()
         mode >> snap  # mode=final skips the fresh snapshot and load
-        return snap, assess(snap)  # the assessment only reads the snapshot: the load need not wait for it
+        return snap, assess(snap)  # after the load (wired below): it reads the load's rejects
 
     @task_group(group_id="schema")
     def schema(run: dict):
@@ -134,7 +134,7 @@ def pocketbase_migration():
         tables >> loaded
         done = finalize(run)
         loaded >> done
-        return done
+        return loaded, done
 
     @task_group(group_id="files")
     def files(run: dict, finalized: dict):
@@ -270,7 +270,8 @@ def pocketbase_migration():
 
     mode = choose_mode()
     run, assessed = prepare(mode)
-    done = data(run, schema(run))
+    batches_loaded, done = data(run, schema(run))
+    batches_loaded >> assessed  # beside finalize, not in a slot the load needs
     copied = files(run, done)
     final = final_sync()
     mode >> final

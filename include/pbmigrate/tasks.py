@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -152,26 +153,21 @@ def create_schema(run: dict, pg_url: str, api: dict | None = None) -> list[str]:
     return tables
 
 
-UNITS_PER_SLOT = 2  # a few tasks per slot: balanced by rows, without a task start-up per range
-
-
 def load_slots() -> int:
     """Batch tasks the executor runs at once (`PBM_LOAD_SLOTS`; 2 for this project's LocalExecutor;
-    the workers' total concurrency under Celery), so that packing never starves a worker."""
+    the workers' total concurrency under Celery): one load task per slot."""
     return max(1, int(os.environ.get("PBM_LOAD_SLOTS", "2")))
 
 
 def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = None,
                  slots: int | None = None) -> list[dict]:
-    """Id ranges of `batch_size` rows per collection, packed into load tasks of about equal rows,
-    each named for the UI as `collection [first..last]`.
+    """Id ranges of `batch_size` rows per collection, shared by one load task per slot.
 
     Each range stays a ledger batch of its own (its own transaction, skipped once done, cleared
-    on a retry); a task loads its ranges one after the other. A task costs a few seconds of start-up
-    here (process, imports, plan), so one task per range left slots idle between short batches:
-    neighbouring ranges of a collection are joined up to 1 / (`UNITS_PER_SLOT` x slots) of all
-    rows, and tasks come largest first (schedulers start mapped tasks in map index order).
-    `max_batches` is Airflow's max_map_length: more mapped tasks than that cannot be expanded."""
+    on a retry). Every task walks all ranges, largest first, and loads the next one nobody holds
+    (`run_batch`), so both slots stay busy to the end whatever a range costs (rows of one
+    collection cost ten times those of another here), with one task start-up per slot.
+    `max_batches` is Airflow's max_map_length: no more tasks than that are mapped."""
     from pbmigrate.audit import metrics
     from pbmigrate.source import plan_ranges
 
@@ -182,104 +178,85 @@ def plan_batches(run: dict, api: dict | None = None, max_batches: int | None = N
         ranges = []
         for t in plan.tables:
             planned = plan_ranges(source, t.collection, run["params"]["batch_size"])
-            for r in planned:
-                ranges.append({"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows,
-                               "label": f"{t.collection.name} [{r.lo}..{r.hi}]"})
+            ranges += [{"collection": t.collection.name, "lo": r.lo, "hi": r.hi, "rows": r.rows} for r in planned]
             rows = sum(r.rows for r in planned)
             log.info("%s: %d rows in %d batches", t.collection.name, rows, len(planned))
             metrics.push_plan(t.collection.name, rows, len(planned), run["run_id"])
     finally:
         source.close()
-    units = pack_ranges(ranges, (slots or load_slots()) * UNITS_PER_SLOT)
-    if max_batches and len(units) > max_batches:
-        raise ParamError(f"{len(units)} load tasks exceed Airflow's max_map_length ({max_batches}); "
-                         + batch_size_hint(ranges, max_batches))
-    log.info("%d batches in %d load tasks: %s", len(ranges), len(units), [u["rows"] for u in units])
+    units = share_ranges(ranges, min(slots or load_slots(), max_batches or len(ranges) or 1))
+    log.info("%d batches shared by %d load tasks", len(ranges), len(units))
     return units
 
 
-def batch_size_hint(ranges: list[dict], max_tasks: int) -> str:
-    """What to change so that at most `max_tasks` load tasks remain: the smallest batch_size whose
-    ranges (a task holds one or more of them) number no more than that, if there is one."""
-    rows: dict[str, int] = {}
-    for r in ranges:
-        rows[r["collection"]] = rows.get(r["collection"], 0) + r["rows"]
-    if len(rows) > max_tasks:
-        return (f"{len(rows)} collections have rows and each needs a task of its own: raise max_map_length "
-                "or name fewer collections per run")
-    lo, hi = 1, max(max(rows.values(), default=1), 1)
-    while lo < hi:  # the fewest ranges a size gives: one per started batch_size of each collection
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if sum(-(-n // mid) for n in rows.values()) <= max_tasks else (mid + 1, hi)
-    return f"raise batch_size to {lo} or more"
+def share_ranges(ranges: list[dict], tasks: int) -> list[dict]:
+    """`tasks` load tasks (fewer when there are fewer ranges), each holding every range, largest
+    first (stable: equal sizes keep the plan's order); labelled for the UI."""
+    ordered = sorted(ranges, key=lambda r: -r["rows"])
+    n = min(tasks, len(ordered))
+    rows = sum(r["rows"] for r in ordered)
+    return [{"label": f"load {i + 1} of {n}: {len(ordered)} batches, {rows:,} rows, shared", "rows": rows,
+             "ranges": ordered, "shared": True} for i in range(n)]
 
 
-def pack_ranges(ranges: list[dict], tasks: int) -> list[dict]:
-    """Neighbouring ranges of one collection (in plan order, which is id order) joined into units
-    of at most total / `tasks` rows (a range larger than that stays alone), labelled
-    `collection [first lo..last hi]`; units largest first."""
-    limit = max(1, -(-sum(r["rows"] for r in ranges) // max(1, tasks)))
-    units: list[dict] = []
-    for r in ranges:
-        last = units[-1] if units else None
-        if last and last["collection"] == r["collection"] and last["rows"] + r["rows"] <= limit:
-            last["ranges"].append(r)
-            last["rows"] += r["rows"]
-        else:
-            units.append({"collection": r["collection"], "rows": r["rows"], "ranges": [r]})
-    for u in units:
-        first, end = u["ranges"][0], u["ranges"][-1]
-        u["label"] = f"{u.pop('collection')} [{first['lo']}..{end['hi']}]"
-    return sorted(units, key=lambda u: -u["rows"])  # stable: equal sizes keep the plan's order
+def _claim(conn: psycopg.Connection, run_id: str, r: dict, wait: bool) -> bool:
+    """Take the range for this transaction (a lock the commit or a crash releases): without
+    `wait`, False when another load task holds it."""
+    key = f"pbm-batch/{run_id}/{r['collection']}/{r['lo']}"
+    if wait:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+        return True
+    return bool(conn.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0])
 
 
 def run_batch(run: dict, batch: dict, pg_url: str, api: dict | None = None) -> dict:
-    """Load one unit of `plan_batches` (or a single range): each range in its own transaction."""
+    """Load one unit of `plan_batches` (or a single range): each range in its own transaction.
+
+    A shared unit's ranges are claimed one at a time: a range another task holds is passed over,
+    and once through, the task waits for each range it passed over and loads it if that task
+    failed, so a task that succeeds leaves every range of the run done."""
     from pbmigrate.audit import metrics
     from pbmigrate.audit.guard import target_lock
     from pbmigrate.load.batch import load_batch
 
     run = checked_run(run)
     ranges = batch.get("ranges") or [batch]
+    shared = bool(batch.get("shared"))
     source = open_run_source(run, api)
-    results = []
+    results, done_elsewhere = [], 0
     try:
         plan = run_plan(run, source)
         with target_lock(pg_url, run["target_schema"], shared=True, holder="pbmigrate migration"), \
                 psycopg.connect(pg_url) as conn:
-            for r in ranges:
-                table = plan.table_for(r["collection"])
-                result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
-                                    lo=r["lo"], hi=r["hi"], has_secrets=source.has_secrets)
-                conn.commit()  # each range durable on its own: a later failure keeps it done
-                log.info("%s", result.log_line())
-                if not result.skipped:
-                    metrics.push_batch(result.collection, result.rows_read, result.rows_loaded,
-                                       result.rows_rejected, result.seconds, run["run_id"],
-                                       batch=f"{result.lo}..{result.hi}")
-                results.append(result.as_dict())
+            passed = []
+            for wait, todo in ((False, ranges), (True, passed)):
+                for r in todo:
+                    if shared and not _claim(conn, run["run_id"], r, wait):
+                        conn.rollback()
+                        passed.append(r)
+                        continue
+                    table = plan.table_for(r["collection"])
+                    result = load_batch(conn, source, table, run_id=run["run_id"], schema=run["staging_schema"],
+                                        lo=r["lo"], hi=r["hi"], has_secrets=source.has_secrets)
+                    conn.commit()  # each range durable on its own: a later failure keeps it done
+                    if shared and result.skipped:
+                        done_elsewhere += 1
+                        continue
+                    log.info("%s", result.log_line())
+                    if not result.skipped:
+                        metrics.push_batch(result.collection, result.rows_read, result.rows_loaded,
+                                           result.rows_rejected, result.seconds, run["run_id"],
+                                           batch=f"{result.lo}..{result.hi}")
+                    results.append(result.as_dict())
     finally:
         source.close()
     if "ranges" not in batch:
         return results[0]
-    if len(results) > 1:
-        log.info("%s", unit_line(results))
+    log.info("this task loaded %d of %d batches (%s rows); %d were done by another task or an earlier attempt",
+             len(results), len(ranges), f"{sum(r['rows_read'] for r in results):,}", done_elsewhere)
     return {"label": batch["label"], "rows_read": sum(r["rows_read"] for r in results),
-            "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results}
-
-
-def unit_line(results: list[dict]) -> str:
-    """The task's one-line summary when it loaded several ranges: the batches' own line over the
-    task's span (its ranges are neighbours of one collection, in id order)."""
-    from pbmigrate.load.batch import BatchResult
-
-    def total(key: str) -> Any:
-        return sum(r[key] for r in results)
-
-    whole = BatchResult(results[0]["collection"], results[0]["table"], results[0]["lo"], results[-1]["hi"],
-                        total("rows_read"), total("rows_loaded"), total("rows_rejected"), total("junction_rows"),
-                        checksum="", seconds=total("seconds"))
-    return f"{whole.log_line()} ({len(results)} batches)"
+            "rows_loaded": sum(r["rows_loaded"] for r in results), "batches": results,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # the budget: 400
 
 
 def finalize_run(run: dict, pg_url: str, api: dict | None = None) -> dict:

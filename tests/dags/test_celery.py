@@ -81,7 +81,9 @@ def test_celery_migrates_the_sample_like_local_with_batches_on_both_workers(cele
     assert digests(celery_stack.pg_url, "game_staging") == local_result["tables"]
     assert ledger(celery_stack.pg_url, run_id) == local_result["ledger"]  # same ranges, counts, checksums
     loads = [ti for ti in api.task_instances("pocketbase_migration", run_id) if ti["task_id"] == "data.load"]
-    assert len(loads) >= 6 and {ti["hostname"] for ti in loads} == {"worker1", "worker2"}
+    # one load task a slot, sharing the ranges: on 3,000 rows one may take them all before the other
+    # starts (the next test holds both at once, one on each worker)
+    assert len(loads) == 2 and {ti["hostname"] for ti in loads} <= {"worker1", "worker2"}
     for name in ("worker1", "worker2"):  # each worker in its own folder, the work itself in the shared one
         assert (celery_stack.home / "workers" / name).is_dir()
     assert any(celery_stack.shared_work_dir.glob("game/*/report.md"))

@@ -1,66 +1,82 @@
-"""Load tasks: neighbouring ranges of a collection packed so that slots stay busy to the end,
-each range loaded once, each task named `collection [first..last]` for the UI."""
+"""Load tasks: one per slot, all sharing the run's ranges, so that both slots stay busy to the end;
+each range loaded exactly once, and a task that succeeds leaves every range done."""
 
 from __future__ import annotations
 
-import random
-import re
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 
-import pytest
+import psycopg
 
 from pbmigrate import tasks
-from pbmigrate.errors import ParamError
-from pbmigrate.tasks import pack_ranges
-
-LABEL = re.compile(r"^(\w+) \[(\w+)\.\.(\w+)\]$")
+from pbmigrate.tasks import share_ranges
 
 
-def _ranges(n: int, seed: int = 7) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for c in range(5):  # plan order: a collection's ranges in id order, collection after collection
-        for i in range(n):
-            out.append({"collection": f"c{c}", "lo": f"{i:05d}", "hi": f"{i:05d}z",
-                        "rows": rng.choice([250_000, 200_000, 150_000, 50_000, 3])})
-    return out
+def _ranges() -> list[dict]:
+    return [{"collection": "users", "lo": "a", "hi": "m", "rows": 900},
+            {"collection": "users", "lo": "n", "hi": "z", "rows": 5},
+            {"collection": "tags", "lo": "0", "hi": "9", "rows": 30}]
 
 
-def test_neighbouring_ranges_are_joined_up_to_a_share_of_all_rows_largest_first() -> None:
-    ranges = _ranges(5)
-    units = pack_ranges(ranges, 4)
-    packed = [r for u in units for r in u["ranges"]]
-    assert sorted((r["collection"], r["lo"]) for r in packed) == sorted((r["collection"], r["lo"]) for r in ranges)
-    limit = -(-sum(r["rows"] for r in ranges) // 4)
-    sizes = [u["rows"] for u in units]
-    assert sizes == sorted(sizes, reverse=True) and sizes == [sum(r["rows"] for r in u["ranges"]) for u in units]
-    assert all(s <= limit or len(u["ranges"]) == 1 for s, u in zip(sizes, units))
-    assert len(units) < len(ranges)
+def test_each_task_holds_every_range_largest_first() -> None:
+    units = share_ranges(_ranges(), 2)
+    assert len(units) == 2
     for u in units:
-        collection, lo, hi = LABEL.match(u["label"]).groups()
-        assert {r["collection"] for r in u["ranges"]} == {collection}
-        assert (lo, hi) == (u["ranges"][0]["lo"], u["ranges"][-1]["hi"])
-        los = [r["lo"] for r in u["ranges"]]
-        assert los == sorted(los)  # neighbours, in id order
+        assert [r["lo"] for r in u["ranges"]] == ["a", "0", "n"]
+        assert u["shared"] and u["rows"] == 935
+    assert [u["label"] for u in units] == ["load 1 of 2: 3 batches, 935 rows, shared",
+                                           "load 2 of 2: 3 batches, 935 rows, shared"]
+    assert len(share_ranges(_ranges()[:1], 4)) == 1  # never a task without a range to take
 
 
-def test_a_range_larger_than_the_share_stays_alone_and_small_collections_keep_their_own_task() -> None:
-    ranges = [{"collection": "users", "lo": "a", "hi": "m", "rows": 900},
-              {"collection": "users", "lo": "n", "hi": "z", "rows": 5},
-              {"collection": "tags", "lo": "0", "hi": "9", "rows": 3}]
-    units = pack_ranges(ranges, 4)
-    assert [u["label"] for u in units] == ["users [a..m]", "users [n..z]", "tags [0..9]"]
+def _run(fixture_022, pg_url: str, run_id: str, most: int | None = None, slots: int = 2) -> tuple[dict, list[dict]]:
+    params = tasks.run_params(source_path=str(fixture_022), target_schema="shared", mapping="", batch_size=3,
+                              collections=[], orphans="reject")
+    run = tasks.prepare(params=params, pg_url=pg_url, dag_run_id=run_id)
+    tasks.create_schema(run, pg_url)
+    return run, tasks.plan_batches(run, max_batches=most, slots=slots)
 
 
-def test_more_load_tasks_than_airflow_can_map_fail_with_a_batch_size_that_fits(fixture_022, fresh_pg_url) -> None:
-    def planned(batch_size: int, run_id: str, most: int) -> list[dict]:
-        params = tasks.run_params(source_path=str(fixture_022), target_schema="mapped", mapping="",
-                                  batch_size=batch_size, collections=[], orphans="reject")
-        run = tasks.prepare(params=params, pg_url=fresh_pg_url, dag_run_id=run_id)
-        return tasks.plan_batches(run, max_batches=most, slots=8)
+def _ledger(pg_url: str, run_id: str) -> list[tuple[str, str]]:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute("SELECT collection, lo FROM pbm_meta.batches WHERE run_id = %s AND status = 'done'",
+                            (run_id,)).fetchall()
 
-    with pytest.raises(ParamError, match=r"exceed Airflow's max_map_length \(10\); raise batch_size to (\d+)") as exc:
-        planned(1, "small", 10)
-    fits = int(re.search(r"batch_size to (\d+)", str(exc.value)).group(1))
-    assert fits > 1 and len(planned(fits, "fits", 10)) <= 10
-    with pytest.raises(ParamError, match=r"max_map_length \(3\); 8 collections have rows and each needs a task"):
-        planned(fits, "few", 3)  # no batch_size helps
+
+def test_two_tasks_at_once_load_every_range_once_between_them(fixture_022, fresh_pg_url) -> None:
+    run, units = _run(fixture_022, fresh_pg_url, "two")
+    assert len(units) == 2 and len(units[0]["ranges"]) > 4
+    assert len(_run(fixture_022, fresh_pg_url, "capped", most=1, slots=8)[1]) == 1  # max_map_length holds
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:  # as two task processes
+        out = list(pool.map(tasks.run_batch, [run] * 2, units, [fresh_pg_url] * 2))
+    mine = [(b["collection"], b["lo"]) for r in out for b in r["batches"]]
+    every = [(r["collection"], r["lo"]) for r in units[0]["ranges"]]
+    assert sorted(mine) == sorted(every)  # each range loaded by exactly one of the two
+    assert sorted(_ledger(fresh_pg_url, run["run_id"])) == sorted(every)
+    again = tasks.run_batch(run, units[0], fresh_pg_url)  # a re-run finds everything done
+    assert again["batches"] == [] and again["rows_read"] == 0
+
+
+def test_a_range_held_by_a_task_that_then_fails_is_loaded_by_the_other(fixture_022, fresh_pg_url) -> None:
+    run, units = _run(fixture_022, fresh_pg_url, "peer")
+    held = units[0]["ranges"][0]
+    key = f"pbm-batch/{run['run_id']}/{held['collection']}/{held['lo']}"
+    with psycopg.connect(fresh_pg_url) as peer:  # a peer task in the middle of that batch
+        peer.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+        out: list[dict] = []
+        task = threading.Thread(target=lambda: out.append(tasks.run_batch(run, units[1], fresh_pg_url)))
+        task.start()
+        deadline = time.monotonic() + 30
+        while len(_ledger(fresh_pg_url, run["run_id"])) < len(units[0]["ranges"]) - 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert task.is_alive()  # every other range is done; it waits for the held one
+        assert (held["collection"], held["lo"]) not in _ledger(fresh_pg_url, run["run_id"])
+        peer.rollback()  # the peer fails: its transaction and its lock go
+    task.join(30)
+    assert not task.is_alive()
+    assert (held["collection"], held["lo"]) in [(b["collection"], b["lo"]) for b in out[0]["batches"]]
+    assert len(_ledger(fresh_pg_url, run["run_id"])) == len(units[0]["ranges"])

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pbdev.sample import build_sample
+from pbmigrate import tasks
 from pbmigrate.plan.mapping import load_mapping
 from pbmigrate.source.sqlite import SqliteSource
 from pbmigrate.validate.assess import assess, render
@@ -130,3 +132,19 @@ def test_cli_unknown_field_type_names_collection_field_and_type(fixture_022, tmp
     out = _cli("assess", str(fixture_022))
     assert out.returncode != 0 and out.stderr.count("\n") == 1
     assert "'demo2'" in out.stderr and "'title'" in out.stderr and "'vector'" in out.stderr
+
+
+def test_the_dag_assessment_after_the_load_reads_its_rejects_and_matches_the_scan(report, dirty, fresh_pg_url):
+    """The DAG assesses after the load, from the load's own rejects: the same report as the scan."""
+    params = tasks.run_params(source_path=str(dirty["pb_data"]), target_schema="assessed", mapping="game.yaml",
+                              batch_size=400, collections=[], orphans="reject")
+    run = tasks.prepare(params=params, pg_url=fresh_pg_url, dag_run_id="assessed")
+    tasks.create_schema(run, fresh_pg_url)
+    for unit in tasks.plan_batches(run):
+        tasks.run_batch(run, unit, fresh_pg_url)
+    tasks.assess(run, fresh_pg_url)
+    with psycopg.connect(fresh_pg_url) as conn:
+        (stored,) = conn.execute("SELECT assessment FROM pbm_meta.runs WHERE run_id = %s",
+                                 (run["run_id"],)).fetchone()
+    assert stored["totals"]["bad_values"] >= 4
+    assert stored == json.loads(json.dumps(report))

@@ -5,7 +5,7 @@ case-insensitive unique indexes do occur. Each one is decided here by the `orpha
 recorded (pbm_meta.rejects or pbm_meta.orphans) before the constraint that would refuse it is
 built: nothing is dropped silently, and the constraints end up VALID. Every step is idempotent.
 
-Work that decides nothing (statistics, the junctions' keys, plain indexes, unique indexes that
+Work that decides nothing (statistics, the primary keys, plain indexes, unique indexes that
 hold) is done first over two connections, so PostgreSQL builds on both cores; every decision
 (rejecting duplicates and orphans, the foreign keys) then happens in one transaction.
 """
@@ -64,8 +64,8 @@ def _constraint_exists(conn: psycopg.Connection, schema: str, name: str) -> bool
 
 
 def add_primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
-    """Junction tables' keys (owner, position); a table's id key normally exists since creation
-    (ddl), and is added here only where it does not."""
+    """Each table's id key and the junction tables' (owner, position), where `prebuild` has not
+    built them yet (the tables are created without keys: ddl)."""
     for sql in _primary_keys(conn, schema, plan):
         conn.execute(sql)
 

@@ -55,7 +55,7 @@ class Column:
         collate = ' COLLATE "C"' if self.field.name == "id" or self.field.type == "relation" else ""
         parts = [qi(self.name), self.type + collate]
         if self.field.primary_key or (self.field.name == "id"):
-            parts.append("PRIMARY KEY")
+            parts.append("NOT NULL")  # the key itself comes after the load (finalize): see ddl
         elif not self.nullable:
             parts.append("NOT NULL")
         if self.default is not None:

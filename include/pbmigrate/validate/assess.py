@@ -1,9 +1,11 @@
 """Pre-migration assessment: what will move, what will be renamed, rejected or left behind.
 
 It runs the loader's own converters over every row (the columnar batch path, as a scan), so
-"will not convert" here means exactly what the load will reject. Relations and unique indexes
-are checked with SQL on the snapshot (API mode: dangling relations are checked in Python;
-duplicates are left to the load).
+"will not convert" here means exactly what the load will reject. In the DAG the load has done
+that pass already: the assessment runs after it and reads the load's own rejects instead of
+scanning every table again (`rejected_values`). Relations and unique indexes are checked with SQL
+on the snapshot (API mode: dangling relations are checked in Python; duplicates are left to the
+load).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -50,8 +53,22 @@ def bad_values(source: Source, table: Table) -> dict[str, dict]:
     rejects: list[tuple[str, str, str]] = []
     for chunk in chunks(source, table, None, None):
         rejects.extend(work.part(chunk).rejects)
+    return _tally(sorted(rejects, key=lambda r: r[0]))  # examples: the first ids, as before
+
+
+def rejected_values(conn: psycopg.Connection, run_id: str, table: Table) -> dict[str, dict]:
+    """`bad_values` as the load found them: its rejects of this run, in the scan's order (by id,
+    then as the converters named them), so the report is the same without a second pass."""
+    rows = conn.execute(
+        """SELECT record_id, field, reason FROM pbm_meta.rejects
+            WHERE run_id = %s AND collection = %s AND stage = 'load' ORDER BY record_id COLLATE "C", id""",
+        (run_id, table.collection.name))
+    return _tally(rows)
+
+
+def _tally(rejects: Iterable[tuple[str, str, str]]) -> dict[str, dict]:
     found: dict[str, dict] = {}
-    for rid, field, reason in sorted(rejects, key=lambda r: r[0]):  # examples: the first ids, as before
+    for rid, field, reason in rejects:
         _add(found, f"{field}: {_reason_kind(reason)}", rid)
     return found
 
@@ -132,8 +149,10 @@ def duplicates_sqlite(src: SqliteSource, coll: Collection) -> list[dict]:
     return out
 
 
-def assess(source: Source, mapping: Mapping, collections: list[str] | None = None) -> dict[str, Any]:
-    """The full assessment as plain data (see `render` for the table a person reads)."""
+def assess(source: Source, mapping: Mapping, collections: list[str] | None = None,
+           bad: Callable[[Table], dict[str, dict]] | None = None) -> dict[str, Any]:
+    """The full assessment as plain data (see `render` for the table a person reads); `bad` gives
+    a table's bad values when they are known already (default: `bad_values`, a scan)."""
     catalog = source.catalog()
     plan: Plan = build_plan(catalog, mapping, collections=collections, has_secrets=source.has_secrets)
     report: dict[str, Any] = {
@@ -153,7 +172,7 @@ def assess(source: Source, mapping: Mapping, collections: list[str] | None = Non
             "table": t.name,
             "rows": source.count(coll),
             "fields": _fields(t),
-            "bad_values": bad_values(source, t),
+            "bad_values": bad(t) if bad else bad_values(source, t),
             "dangling": (dangling_sqlite(source, coll, catalog) if isinstance(source, SqliteSource)
                          else dangling_api(source, coll, catalog)),
             "duplicates": duplicates_sqlite(source, coll) if isinstance(source, SqliteSource) else [],
@@ -219,14 +238,16 @@ def render(report: dict[str, Any]) -> str:
 
 
 def assess_run(run: dict, pg_url: str, api: dict | None = None) -> dict:
-    """The DAG's assessment task: print the table, keep the JSON in pbm_meta.runs."""
+    """The DAG's assessment task, after the load (whose rejects give the bad values): print the
+    table, keep the JSON in pbm_meta.runs."""
     source = open_run_source(run, api)
     try:
-        report = assess(source, load_mapping(run["params"]["mapping"]), run["params"]["collections"])
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            report = assess(source, load_mapping(run["params"]["mapping"]), run["params"]["collections"],
+                            bad=lambda t: rejected_values(conn, run["run_id"], t))
+            log.info("pre-migration assessment\n%s", render(report))
+            meta.save_run_json(conn, run["run_id"], "assessment", report)
     finally:
         source.close()
-    log.info("pre-migration assessment\n%s", render(report))
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        meta.save_run_json(conn, run["run_id"], "assessment", report)
     return report["totals"]
 
