@@ -34,6 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pbgame.acache import BackendFlag, Leaderboards, Matchmaking, Profiles, RateLimit, Sessions, connect, run_scripts
+from pbgame.dispatch import Dispatch
 from pbgame.pbstore import SAFE, PbStore
 from pbgame.pgstore import PgStore
 from pbgame.schema import GameSchema, ShapeError, load_schema
@@ -304,7 +305,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def build_app(settings: Settings | None = None, game: GameSchema | None = None) -> Starlette:
+def build_app(settings: Settings | None = None, game: GameSchema | None = None) -> Dispatch:
     """The ASGI app; `settings` default to the environment (``python -m pbgame``)."""
     svc = Game(settings or Settings.from_env(), game)
     m = svc.metrics
@@ -480,20 +481,32 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
         finally:
             await svc.stop()
 
+    eps = {name: endpoint(name, fn) for name, fn in (
+        ("login", login), ("profile_me", me), ("history", history), ("inventory", inventory), ("profile", player),
+        ("leaderboard", leaderboard), ("match_result", post_match), ("matchmaking_join", mm_join),
+        ("matchmaking_pop", mm_pop), ("files", files))}
     routes = [
-        Route("/api/login", endpoint("login", login), methods=["POST"]),
-        Route("/api/players/me", endpoint("profile_me", me)),
-        Route("/api/players/me/matches", endpoint("history", history)),
-        Route("/api/players/me/inventory", endpoint("inventory", inventory)),
-        Route("/api/players/{player_id}", endpoint("profile", player)),
-        Route("/api/leaderboards/{season}", endpoint("leaderboard", leaderboard)),
-        Route("/api/matches", endpoint("match_result", post_match), methods=["POST"]),
-        Route("/api/matchmaking/join", endpoint("matchmaking_join", mm_join), methods=["POST"]),
-        Route("/api/matchmaking/pop", endpoint("matchmaking_pop", mm_pop), methods=["POST"]),
-        Route("/api/files/{collection}/{record}/{name}", endpoint("files", files)),
+        Route("/api/login", eps["login"], methods=["POST"]),
+        Route("/api/players/me", eps["profile_me"]),
+        Route("/api/players/me/matches", eps["history"]),
+        Route("/api/players/me/inventory", eps["inventory"]),
+        Route("/api/players/{player_id}", eps["profile"]),
+        Route("/api/leaderboards/{season}", eps["leaderboard"]),
+        Route("/api/matches", eps["match_result"], methods=["POST"]),
+        Route("/api/matchmaking/join", eps["matchmaking_join"], methods=["POST"]),
+        Route("/api/matchmaking/pop", eps["matchmaking_pop"], methods=["POST"]),
+        Route("/api/files/{collection}/{record}/{name}", eps["files"]),
         Route("/health", health),
         Route("/metrics", metrics),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.game = svc
-    return app
+    # The journeys' hot paths, found by one dict lookup (see pbgame.dispatch); the routes above
+    # stay the reference and serve the rest.
+    exact = {("POST", "/api/login"): eps["login"], ("GET", "/api/players/me"): eps["profile_me"],
+             ("GET", "/api/players/me/matches"): eps["history"], ("GET", "/api/players/me/inventory"): eps["inventory"],
+             ("POST", "/api/matches"): eps["match_result"], ("POST", "/api/matchmaking/join"): eps["matchmaking_join"],
+             ("POST", "/api/matchmaking/pop"): eps["matchmaking_pop"]}
+    param = {("GET", "/api/players/"): ("player_id", eps["profile"]),
+             ("GET", "/api/leaderboards/"): ("season", eps["leaderboard"])}
+    return Dispatch(app, exact, param)
