@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
-from starlette.testclient import TestClient
 
 from pbgame.dispatch import Dispatch
 
@@ -19,28 +21,35 @@ async def _slow(request: Request) -> PlainTextResponse:
     return PlainTextResponse("starlette")
 
 
-def _client() -> TestClient:
+def _app() -> Dispatch:
     app = Starlette(routes=[Route("/api/players/me", _slow), Route("/api/players/{player_id}", _slow),
                             Route("/api/matches", _slow, methods=["POST"]), Route("/health", _slow)])
     app.state.marker = "kept"
     lean = Dispatch(app, {("GET", "/api/players/me"): _fast, ("POST", "/api/matches"): _fast},
                     {("GET", "/api/players/"): ("player_id", _fast)})
     assert lean.state.marker == "kept"  # the Starlette app's attributes show through
-    return TestClient(lean)
+    return lean
+
+
+def _calls(*calls: tuple[str, str]) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_app()), base_url="http://t") as c:
+            return [await c.request(method, url, json={} if method == "POST" else None) for method, url in calls]
+    return asyncio.run(go())
 
 
 def test_hot_paths_are_dispatched_with_their_parameter_and_query() -> None:
-    with _client() as c:
-        assert c.get("/api/players/me?limit=5").json() == {"via": "dispatch", "params": {}, "q": {"limit": "5"}}
-        assert c.get("/api/players/abc123").json()["params"] == {"player_id": "abc123"}
-        assert c.post("/api/matches", json={}).json()["via"] == "dispatch"
+    me, other, match = _calls(("GET", "/api/players/me?limit=5"), ("GET", "/api/players/abc123"),
+                              ("POST", "/api/matches"))
+    assert me.json() == {"via": "dispatch", "params": {}, "q": {"limit": "5"}}
+    assert other.json()["params"] == {"player_id": "abc123"}
+    assert match.json()["via"] == "dispatch"
 
 
 def test_everything_else_goes_to_starlette_unchanged() -> None:
-    with _client() as c:
-        assert c.get("/health").text == "starlette"
-        assert c.get("/api/matches").status_code == 405  # a wrong method is Starlette's answer
-        assert c.post("/api/players/me").status_code == 405
-        assert c.get("/api/players/").status_code == 404  # an empty parameter is no match
-        assert c.get("/api/players/a/b").status_code == 404
-        assert c.get("/nowhere").status_code == 404
+    health, wrong1, wrong2, empty, deeper, nowhere = _calls(
+        ("GET", "/health"), ("GET", "/api/matches"), ("POST", "/api/players/me"), ("GET", "/api/players/"),
+        ("GET", "/api/players/a/b"), ("GET", "/nowhere"))
+    assert health.text == "starlette"
+    assert wrong1.status_code == wrong2.status_code == 405  # a wrong method is Starlette's answer
+    assert empty.status_code == deeper.status_code == nowhere.status_code == 404  # no parameter, or two: no match
