@@ -38,6 +38,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,9 @@ def config() -> dict[str, Any]:
         "schema": os.environ.get("LT_SCHEMA", ""),
         "pb_data": os.environ.get("LT_PB_DATA", ""),
         "mapping": os.environ.get("LT_MAPPING") or "game.yaml",
+        # The service reaches the co-located PostgreSQL and Redis through Unix sockets when they are
+        # on this machine (see `local_url`): PocketBase reads SQLite in its own process.
+        "unix_sockets": os.environ.get("LT_UNIX_SOCKETS", "1").lower() not in ("0", "false", "no", ""),
     }
 
 
@@ -285,15 +289,39 @@ class ServerCpu:
 # ---------------------------------------------------------------------- the stack
 
 
+PG_SOCKET_DIRS = ("/var/run/postgresql", "/run/postgresql", "/tmp")
+
+
+def local_url(pg_url: str, enabled: bool) -> str:
+    """`pg_url` through PostgreSQL's Unix socket when it names this machine and the socket exists.
+
+    A TCP round trip on loopback costs the sender the receiver's TCP processing too; through a
+    Unix socket the same query measured ~20 % less of the new stack's CPU per journey. This is
+    the deployment of a service beside its database; across a network the TCP figure applies
+    (``LT_UNIX_SOCKETS=0`` measures it)."""
+    info = psycopg.conninfo.conninfo_to_dict(pg_url)
+    if not enabled or str(info.get("host", "localhost")) not in ("127.0.0.1", "localhost", "::1"):
+        return pg_url
+    port = str(info.get("port") or 5432)
+    for folder in PG_SOCKET_DIRS:
+        if Path(folder, f".s.PGSQL.{port}").exists():
+            return psycopg.conninfo.make_conninfo(**{**info, "host": folder})
+    return pg_url
+
+
 @contextlib.contextmanager
-def private_redis(work: Path) -> Iterator[tuple[str, int]]:
+def private_redis(work: Path, unix_socket: bool = False) -> Iterator[tuple[str, int, str]]:
     """A redis-server of our own on 127.0.0.1:<free port>, no persistence, stopped by its pid.
 
     The shared Redis is flushed by other test runs now and then (sessions vanished mid-run once),
-    and its CPU is shared: a private one holds the load test's keys and nothing else's CPU."""
+    and its CPU is shared: a private one holds the load test's keys and nothing else's CPU. With
+    `unix_socket` it also listens on a Unix socket (in a short temporary folder: a socket path
+    has ~100 characters at most), whose URL is the third value (else the TCP one)."""
     port = free_port()
+    sock_dir = Path(tempfile.mkdtemp(prefix="pbm-lt-")) if unix_socket else None
+    extra = ["--unixsocket", str(sock_dir / "redis.sock"), "--unixsocketperm", "700"] if sock_dir else []
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(work), "--logfile", str(work / "redis.log")],
+                             "--appendonly", "no", "--dir", str(work), "--logfile", str(work / "redis.log"), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         client = redis.Redis(port=port)
@@ -307,7 +335,8 @@ def private_redis(work: Path) -> Iterator[tuple[str, int]]:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
         client.close()
-        yield f"redis://127.0.0.1:{port}/0", proc.pid
+        url = f"redis://127.0.0.1:{port}/0"
+        yield url, proc.pid, f"unix://{sock_dir / 'redis.sock'}?db=0" if sock_dir else url
     finally:
         proc.terminate()
         try:
@@ -315,6 +344,8 @@ def private_redis(work: Path) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        if sock_dir:
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def fresh_database(cfg: dict) -> str:
@@ -421,8 +452,10 @@ def main() -> int:
         log(f"sample: {info['rows']} rows, {info['counts']['users']} players ({time.monotonic() - t:.0f} s)")
     with contextlib.ExitStack() as stack:
         redis_pid = None
+        cfg["service_redis_url"] = cfg["redis_url"]
         if not cfg["redis_url"]:
-            cfg["redis_url"], redis_pid = stack.enter_context(private_redis(work))
+            cfg["redis_url"], redis_pid, cfg["service_redis_url"] = stack.enter_context(
+                private_redis(work, cfg["unix_sockets"]))
         try:
             if cfg["pg_url"]:
                 run_existing(cfg, out, work, result, redis_pid)
@@ -462,8 +495,8 @@ def run_backends(cfg: dict, info: dict, out: Path, work: Path, result: dict, red
         n = write_seed(seed, pg_url, schema, cfg["redis_url"], admin.headers["Authorization"],
                        info["player_password"], pb_collections=pb_collections(admin))
         log(f"seed: {n} players, a session each for the returning ones")
-        env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": run["target_schema"],
-               "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
+        env = {"PBG_PG_URL": local_url(pg_url, cfg["unix_sockets"]), "PBG_REDIS_URL": cfg["service_redis_url"],
+               "PBG_SCHEMA": run["target_schema"], "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         with GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log") as svc:
             measure(cfg, pb, svc, pg_url.rsplit("/", 1)[1], seed, out, result, redis_pid)
 
@@ -501,7 +534,8 @@ def run_existing(cfg: dict, out: Path, work: Path, result: dict, redis_pid: int 
         seed = work / "seed.json"
         n = write_seed(seed, pg_url, schema, cfg["redis_url"], token, "", mapping, known)
         log(f"seed: {n} players from {schema}")
-        env = {"PBG_PG_URL": pg_url, "PBG_REDIS_URL": cfg["redis_url"], "PBG_SCHEMA": schema,
+        env = {"PBG_PG_URL": local_url(pg_url, cfg["unix_sockets"]), "PBG_REDIS_URL": cfg["service_redis_url"],
+               "PBG_SCHEMA": schema,
                "PBG_MAPPING": mapping, "PBG_TRUST_PROXY": "1", "PBG_POOL_MAX": "10"}
         svc = stack.enter_context(GameServer(env, workers=cfg["service_workers"], log_path=out / "service.log"))
         database = psycopg.conninfo.conninfo_to_dict(pg_url).get("dbname") or "postgres"

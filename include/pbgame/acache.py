@@ -20,6 +20,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from pbgame.cache import (
@@ -58,6 +60,7 @@ from pbmigrate.cache.keys import (
 log = logging.getLogger("pbgame")
 AsyncRedis = aredis.Redis | RedisCluster
 Entry = tuple[str, float]
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
 # Only if the board exists: a ZADD on an expired board would make a one-member board that
 # looks complete; the next read rebuilds it from PostgreSQL instead.
@@ -85,6 +88,23 @@ def connect(url: str, *, max_connections: int = 64) -> AsyncRedis:
     # Blocking: under a burst, wait for a free connection instead of failing the request.
     pool = aredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0, **common)
     return aredis.Redis(connection_pool=pool)
+
+
+async def run_scripts(client: AsyncRedis, calls: list[ScriptCall]) -> list[Any]:
+    """Several scripts in one round trip (a pipeline) on a single Redis.
+
+    On a Cluster their keys may live on different nodes, so they run one by one. A Redis that
+    lost its script cache (restarted, SCRIPT FLUSH) answers NOSCRIPT: then they run one by one,
+    which loads them; the scripts this runs (invalidate, board update) are idempotent."""
+    if isinstance(client, RedisCluster):
+        return [await script(keys=keys, args=args) for script, keys, args in calls]
+    pipe = client.pipeline(transaction=False)
+    for script, keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    try:
+        return await pipe.execute()
+    except NoScriptError:
+        return [await script(keys=keys, args=args) for script, keys, args in calls]
 
 
 class BackendFlag:
@@ -191,7 +211,11 @@ class Profiles:
         return row
 
     async def invalidate(self, player_id: str) -> None:
-        await self._invalidate(keys=self.keys(player_id), args=[PROFILE_VERSION_TTL])
+        await run_scripts(self.client, [self.invalidate_call(player_id)])
+
+    def invalidate_call(self, player_id: str) -> ScriptCall:
+        """The invalidation as a script call, to batch with others (`run_scripts`)."""
+        return self._invalidate, self.keys(player_id), [PROFILE_VERSION_TTL]
 
 
 class Leaderboards:
@@ -246,10 +270,14 @@ class Leaderboards:
 
     async def update(self, season: str, scores: Mapping[str, float]) -> bool:
         """New scores into a live board (not into an expired one: that rebuilds on its next read)."""
+        return bool((await run_scripts(self.client, [self.update_call(season, scores)]))[0])
+
+    def update_call(self, season: str, scores: Mapping[str, float]) -> ScriptCall:
+        """The update as a script call, to batch with others (`run_scripts`)."""
         args: list[Any] = []
         for member, score in scores.items():
             args += (score, member)
-        return bool(await self._update(keys=[leaderboard_key(season)], args=args))
+        return self._update, [leaderboard_key(season)], args
 
 
 class RateLimit:

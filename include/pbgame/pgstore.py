@@ -139,45 +139,69 @@ class PgStore:
         ).format(id=self._c(i, "id"), item=self._c(i, "item"), qty=self._c(i, "quantity"),
                  eq=self._c(i, "equipped"), attrs=self._c(i, "attributes"), acq=_date(n.col(i, "acquired")),
                  t=self._t(i), user=self._c(i, "user"))
-        self._prepare_writes()
         # Queries as text, once: a Composed object is rendered again on every execute (its
         # identifiers re-quoted), which was 4-7 % of the service's CPU under load.
         async with self.pool.connection() as conn:
-            for name in ("q_profile", "q_board", "q_login", "q_history", "q_inventory", "q_match", "q_junction",
-                         "q_participant", "q_stats", "q_xp"):
-                query = getattr(self, name)
-                if query is not None:
-                    setattr(self, name, query.as_string(conn))
+            await self._prepare_writes(conn)
+            for name in ("q_profile", "q_board", "q_login", "q_history", "q_inventory", "q_match"):
+                setattr(self, name, getattr(self, name).as_string(conn))
 
-    def _prepare_writes(self) -> None:
-        """The match result's statements (see `record_match`)."""
+    async def _column_types(self, conn: psycopg.AsyncConnection, table: str) -> dict[str, str]:
+        cur = await conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a JOIN pg_class c "
+            "ON c.oid = a.attrelid JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = %s "
+            "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped", (self.schema, table))
+        return dict(await cur.fetchall())
+
+    async def _prepare_writes(self, conn: psycopg.AsyncConnection) -> None:
+        """The match result as one statement (see `record_match`).
+
+        Data-modifying CTEs: the game, its junction rows, a session per player, the stats upserted
+        and the xp added run as one statement, so one round trip and one implicit transaction (the
+        foreign keys are checked at its end, when the game row exists). The per-player values come
+        as arrays cast to the columns' own types, so the mapping's types are the target's."""
         n = self.game.names
         m, p, s, u = "matches", "participants", "user_stats", "users"
-        self.q_match = sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}) "
-                               "VALUES (%s, %s, %s, 'finished', %s, %s, now(), now(), now(), now())").format(
+
+        def arr(role: str, fieldname: str, types: dict[str, str]) -> sql.Composable:
+            return sql.SQL("%s::{}[]").format(sql.SQL(types[n.col(role, fieldname)]))
+
+        tp = await self._column_types(conn, n.table(p))
+        ts = await self._column_types(conn, n.table(s))
+        parts = [sql.SQL("m AS (INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}) "
+                         "VALUES (%s, %s, %s, 'finished', %s, %s, now(), now(), now(), now()))").format(
             self._t(m), *(self._c(m, f) for f in ("id", "season", "mode", "status", "map", "winner",
-                                                  "started", "ended", "created", "updated")))
+                                                  "started", "ended", "created", "updated")))]
         junction = n.junctions.get("matches.players")
-        self.q_junction = None
+        self.has_junction = bool(junction)
         if junction:
             jt, owner, target = junction
-            self.q_junction = sql.SQL("INSERT INTO {}.{} ({}, {}, position) VALUES (%s, %s, %s)").format(
-                sql.Identifier(self.schema), sql.Identifier(jt), sql.Identifier(owner), sql.Identifier(target))
-        self.q_participant = sql.SQL("INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}) "
-                                     "VALUES (%s, %s, %s, %s, %s, %s, now(), now())").format(
+            tj = await self._column_types(conn, jt)
+            parts.append(sql.SQL("j AS (INSERT INTO {}.{} ({}, {}, position) SELECT %s, x.who, x.pos - 1 "
+                                 "FROM unnest(%s::{}[]) WITH ORDINALITY AS x(who, pos))").format(
+                sql.Identifier(self.schema), sql.Identifier(jt), sql.Identifier(owner), sql.Identifier(target),
+                sql.SQL(tj[target])))
+        parts.append(sql.SQL("p AS (INSERT INTO {} ({}, {}, {}, {}, {}, {}, {}, {}) "
+                             "SELECT x.id, %s, x.who, x.team, x.score, x.placement, now(), now() "
+                             "FROM unnest({}, {}, {}, {}, {}) AS x(id, who, team, score, placement))").format(
             self._t(p), *(self._c(p, f) for f in ("id", "match", "user", "team", "score", "placement",
-                                                  "created", "updated")))
+                                                  "created", "updated")),
+            *(arr(p, f, tp) for f in ("id", "user", "team", "score", "placement"))))
         su, ss = self._c(s, "user"), self._c(s, "season")
         gp, w, lo, r = (self._c(s, f) for f in ("games_played", "wins", "losses", "rating"))
-        self.q_stats = sql.SQL(
-            "INSERT INTO {t} ({id}, {su}, {ss}, {gp}, {w}, {lo}, {r}, {cr}, {up}) "
-            "VALUES (%s, %s, %s, 1, %s, %s, 1000 + %s, now(), now()) "
+        parts.append(sql.SQL(
+            "s AS (INSERT INTO {t} ({id}, {su}, {ss}, {gp}, {w}, {lo}, {r}, {cr}, {up}) "
+            "SELECT x.id, x.who, %s, 1, x.w, x.l, 1000 + x.d, now(), now() "
+            "FROM unnest({ids}, {whos}, {ws}, {ls}, {ds}) AS x(id, who, w, l, d) "
             "ON CONFLICT ({su}, {ss}) DO UPDATE SET {gp} = {t}.{gp} + 1, {w} = {t}.{w} + EXCLUDED.{w}, "
-            "{lo} = {t}.{lo} + EXCLUDED.{lo}, {r} = {t}.{r} + %s, {up} = now() RETURNING {su}, {r}"
+            "{lo} = {t}.{lo} + EXCLUDED.{lo}, {r} = {t}.{r} + (EXCLUDED.{r} - 1000), {up} = now() "
+            "RETURNING {su}, {r})"
         ).format(t=self._t(s), id=self._c(s, "id"), su=su, ss=ss, gp=gp, w=w, lo=lo, r=r,
-                 cr=self._c(s, "created"), up=self._c(s, "updated"))
-        self.q_xp = sql.SQL("UPDATE {} SET {} = {} + %s, {} = now() WHERE {} = ANY(%s)").format(
-            self._t(u), self._c(u, "xp"), self._c(u, "xp"), self._c(u, "updated"), self._c(u, "id"))
+                 cr=self._c(s, "created"), up=self._c(s, "updated"), ids=arr(s, "id", ts), whos=arr(s, "user", ts),
+                 ws=arr(s, "wins", ts), ls=arr(s, "losses", ts), ds=arr(s, "rating", ts)))
+        parts.append(sql.SQL("xp AS (UPDATE {} SET {} = {} + %s, {} = now() WHERE {} = ANY(%s))").format(
+            self._t(u), self._c(u, "xp"), self._c(u, "xp"), self._c(u, "updated"), self._c(u, "id")))
+        self.q_match = sql.SQL("WITH {} SELECT * FROM s").format(sql.SQL(", ").join(parts))
 
     def typed_profile(self, player_id: str, row: dict[str, str]) -> dict[str, Any]:
         return {"id": player_id, **{k: typed(v, self.profile_types.get(k)) for k, v in row.items() if v != ""}}
@@ -227,26 +251,22 @@ class PgStore:
 
     async def _record_match(self, season: str, mode: str, map_name: str, players: Sequence[str], winner: str,
                             scores: dict[str, float]) -> tuple[str, dict[str, float]]:
-        # One transaction; each executemany is pipelined (one round trip for all its rows).
+        # One statement: one round trip, its own transaction (see `_prepare_writes`). Players in
+        # id order, so two results sharing players lock their stats rows in the same order.
         game_id = new_id()
-        placement = {pid: i for i, pid in enumerate(sorted(players, key=lambda x: -scores.get(x, 0.0)), start=1)}
-        ratings: dict[str, float] = {}
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(self.q_match, (game_id, season, mode, map_name, winner))
-            async with conn.cursor() as cur:
-                if self.q_junction:
-                    await cur.executemany(self.q_junction, [(game_id, pid, i) for i, pid in enumerate(players)])
-                await cur.executemany(self.q_participant, [
-                    (new_id(), game_id, pid, 1 + i % 2, float(scores.get(pid, 0.0)), placement[pid])
-                    for i, pid in enumerate(players)])
-                deltas = [RATING_STEP if pid == winner else -RATING_STEP for pid in players]
-                await cur.executemany(self.q_stats, [
-                    (new_id(), pid, season, int(pid == winner), int(pid != winner), d, d)
-                    for pid, d in zip(players, deltas)], returning=True)
-                while True:
-                    for player, rating in await cur.fetchall():
-                        ratings[player] = float(rating)
-                    if not cur.nextset():
-                        break
-            await conn.execute(self.q_xp, (XP_PER_GAME, list(players)))
+        order = sorted(players, key=lambda x: -scores.get(x, 0.0))
+        placement = {pid: i for i, pid in enumerate(order, start=1)}
+        team = {pid: 1 + i % 2 for i, pid in enumerate(players)}
+        ids = sorted(players)
+        args: list[Any] = [game_id, season, mode, map_name, winner]
+        if self.has_junction:
+            args += [game_id, list(players)]
+        args += [game_id, [new_id() for _ in ids], ids, [team[x] for x in ids],
+                 [float(scores.get(x, 0.0)) for x in ids], [placement[x] for x in ids]]
+        args += [season, [new_id() for _ in ids], ids, [int(x == winner) for x in ids],
+                 [int(x != winner) for x in ids], [RATING_STEP if x == winner else -RATING_STEP for x in ids]]
+        args += [XP_PER_GAME, ids]
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.q_match, args)
+            ratings = {str(who): float(rating) for who, rating in await cur.fetchall()}
         return game_id, ratings

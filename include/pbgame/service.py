@@ -33,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from pbgame.acache import BackendFlag, Leaderboards, Matchmaking, Profiles, RateLimit, Sessions, connect
+from pbgame.acache import BackendFlag, Leaderboards, Matchmaking, Profiles, RateLimit, Sessions, connect, run_scripts
+from pbgame.dispatch import Dispatch
 from pbgame.pbstore import SAFE, PbStore
 from pbgame.pgstore import PgStore
 from pbgame.schema import GameSchema, ShapeError, load_schema
@@ -61,6 +62,7 @@ class Settings:
     pool_max: int = 10
     bcrypt_threads: int = 1  # password checks at once per process (see Game.pg_login)
     shadow_max_inflight: int = 200
+    board_memo: float = 1.0  # seconds a process reuses a leaderboard answer (Game.pg_leaderboard); 0: off
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -80,6 +82,7 @@ class Settings:
             trust_proxy=e.get("PBG_TRUST_PROXY", "").lower() in ("1", "true", "yes"),
             pool_max=int(e.get("PBG_POOL_MAX", "10")),
             bcrypt_threads=int(e.get("PBG_BCRYPT_THREADS", "1")),
+            board_memo=float(e.get("PBG_BOARD_MEMO", "1.0")),
         )
 
 
@@ -139,6 +142,7 @@ class Game:
         self.metrics = Metrics()
         self._shadow_inflight = 0
         self._tasks: set[asyncio.Task] = set()
+        self._boards: dict[tuple[str, int], tuple[float, list[dict[str, Any]]]] = {}
         self._bcrypt = ThreadPoolExecutor(max_workers=max(1, settings.bcrypt_threads), thread_name_prefix="bcrypt")
 
     async def start(self) -> None:
@@ -179,8 +183,28 @@ class Game:
         return None if row is None else self.pg.typed_profile(player_id, row)
 
     async def pg_leaderboard(self, season: str, n: int) -> list[dict[str, Any]]:
+        """The board's top `n`, remembered for `board_memo` seconds per process.
+
+        A third of the game's calls are this read, and the same few seasons' top 10 are asked
+        hundreds of times a second: the answer a process computed in the last second saves the
+        Redis round trip. A process forgets a season's answers when it records a match in it, so
+        a player sees their own result at once; another process shows it within `board_memo` s."""
+        ttl = self.settings.board_memo
+        now = time.monotonic()
+        hit = self._boards.get((season, n)) if ttl > 0 else None
+        if hit and hit[0] > now:
+            return hit[1]
         spec = self.game.leaderboard
-        return [{spec.member: m, spec.score: v} for m, v in await self.boards.top(season, n)]
+        answer = [{spec.member: m, spec.score: v} for m, v in await self.boards.top(season, n)]
+        if ttl > 0:
+            if len(self._boards) >= 1000:  # seasons are the client's to name: stay bounded
+                self._boards.clear()
+            self._boards[(season, n)] = (now + ttl, answer)
+        return answer
+
+    def _forget_boards(self, season: str) -> None:
+        for key in [k for k in self._boards if k[0] == season]:
+            self._boards.pop(key, None)
 
     async def pg_login(self, email: str, password: str) -> str | None:
         row = await self.pg.login_row(email)
@@ -196,8 +220,10 @@ class Game:
     async def pg_record(self, season: str, mode: str, map_name: str, players: list[str], winner: str,
                         scores: dict[str, float]) -> str:
         game_id, ratings = await self.pg.record_match(season, mode, map_name, players, winner, scores)
-        await asyncio.gather(*(self.profiles.invalidate(p) for p in players))
-        await self.boards.update(season, ratings)
+        # The players' profiles invalidated and the live board updated in one Redis round trip.
+        await run_scripts(self.redis, [*(self.profiles.invalidate_call(p) for p in players),
+                                       self.boards.update_call(season, ratings)])
+        self._forget_boards(season)
         return game_id
 
     # ------------------------------------------------------------------ routing
@@ -279,7 +305,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def build_app(settings: Settings | None = None, game: GameSchema | None = None) -> Starlette:
+def build_app(settings: Settings | None = None, game: GameSchema | None = None) -> Dispatch:
     """The ASGI app; `settings` default to the environment (``python -m pbgame``)."""
     svc = Game(settings or Settings.from_env(), game)
     m = svc.metrics
@@ -455,20 +481,32 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
         finally:
             await svc.stop()
 
+    eps = {name: endpoint(name, fn) for name, fn in (
+        ("login", login), ("profile_me", me), ("history", history), ("inventory", inventory), ("profile", player),
+        ("leaderboard", leaderboard), ("match_result", post_match), ("matchmaking_join", mm_join),
+        ("matchmaking_pop", mm_pop), ("files", files))}
     routes = [
-        Route("/api/login", endpoint("login", login), methods=["POST"]),
-        Route("/api/players/me", endpoint("profile_me", me)),
-        Route("/api/players/me/matches", endpoint("history", history)),
-        Route("/api/players/me/inventory", endpoint("inventory", inventory)),
-        Route("/api/players/{player_id}", endpoint("profile", player)),
-        Route("/api/leaderboards/{season}", endpoint("leaderboard", leaderboard)),
-        Route("/api/matches", endpoint("match_result", post_match), methods=["POST"]),
-        Route("/api/matchmaking/join", endpoint("matchmaking_join", mm_join), methods=["POST"]),
-        Route("/api/matchmaking/pop", endpoint("matchmaking_pop", mm_pop), methods=["POST"]),
-        Route("/api/files/{collection}/{record}/{name}", endpoint("files", files)),
+        Route("/api/login", eps["login"], methods=["POST"]),
+        Route("/api/players/me", eps["profile_me"]),
+        Route("/api/players/me/matches", eps["history"]),
+        Route("/api/players/me/inventory", eps["inventory"]),
+        Route("/api/players/{player_id}", eps["profile"]),
+        Route("/api/leaderboards/{season}", eps["leaderboard"]),
+        Route("/api/matches", eps["match_result"], methods=["POST"]),
+        Route("/api/matchmaking/join", eps["matchmaking_join"], methods=["POST"]),
+        Route("/api/matchmaking/pop", eps["matchmaking_pop"], methods=["POST"]),
+        Route("/api/files/{collection}/{record}/{name}", eps["files"]),
         Route("/health", health),
         Route("/metrics", metrics),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.game = svc
-    return app
+    # The journeys' hot paths, found by one dict lookup (see pbgame.dispatch); the routes above
+    # stay the reference and serve the rest.
+    exact = {("POST", "/api/login"): eps["login"], ("GET", "/api/players/me"): eps["profile_me"],
+             ("GET", "/api/players/me/matches"): eps["history"], ("GET", "/api/players/me/inventory"): eps["inventory"],
+             ("POST", "/api/matches"): eps["match_result"], ("POST", "/api/matchmaking/join"): eps["matchmaking_join"],
+             ("POST", "/api/matchmaking/pop"): eps["matchmaking_pop"]}
+    param = {("GET", "/api/players/"): ("player_id", eps["profile"]),
+             ("GET", "/api/leaderboards/"): ("season", eps["leaderboard"])}
+    return Dispatch(app, exact, param)
