@@ -43,6 +43,13 @@ def regular_fd(src: BinaryIO) -> int | None:
     return fd
 
 
+def write_fd(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` at fd's offset (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def sha256_of(fd: int, size: int) -> str:
     """The sha256 of the first `size` bytes of fd, read from the page cache a window at a time."""
     sha = hashlib.sha256()
@@ -57,10 +64,19 @@ def sha256_of(fd: int, size: int) -> str:
     return sha.hexdigest()
 
 
+def _read_ahead(fd: int, offset: int) -> None:
+    """Ask the kernel for one window from `offset` without waiting (a cold source: several copies
+    keep the disk busy; pages already cached cost nothing). Page cache only, never this process's."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, WINDOW, os.POSIX_FADV_WILLNEED)
+
+
 def _kernel_copy(src: int, dst: int, size: int) -> int:
     """Bytes copied by copy_file_range (0 where the kernel or filesystem refuses at once)."""
     done = 0
+    _read_ahead(src, 0)
     while done < size:
+        _read_ahead(src, done + WINDOW)  # the next window is read from disk while this one is copied
         try:
             n = os.copy_file_range(src, dst, min(WINDOW, size - done), done, done)
         except OSError as exc:
@@ -78,9 +94,7 @@ def copy_regular(src_fd: int, dst_fd: int) -> tuple[int, str]:
     size = os.fstat(src_fd).st_size
     if size <= SMALL:
         data = os.pread(src_fd, size, 0)  # a regular file: all of it, short only at its end
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst_fd, view):]
+        write_fd(dst_fd, data)
         return len(data), hashlib.sha256(data).hexdigest()
     done = _kernel_copy(src_fd, dst_fd, size)
     if done == 0:  # another filesystem the kernel will not copy across: sendfile, then plain reads
@@ -94,9 +108,7 @@ def _sendfile(src: int, dst: int, size: int) -> int:
         while done < size and (n := os.sendfile(dst, src, done, min(WINDOW, size - done))):
             done += n
     while done < size and (chunk := os.pread(src, min(WINDOW, size - done), done)):
-        view = memoryview(chunk)
         os.lseek(dst, done, os.SEEK_SET)
-        while view:
-            view = view[os.write(dst, view):]
+        write_fd(dst, chunk)
         done += len(chunk)
     return done
