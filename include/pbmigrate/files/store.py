@@ -8,16 +8,15 @@ import contextlib
 import hashlib
 import json
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pbmigrate.context import work_dir
 from pbmigrate.errors import ParamError
-from pbmigrate.files.localcopy import copy_regular, regular_fd, write_fd
+from pbmigrate.files.localcopy import BUFFER, buffer, copy_regular, regular_fd, write_fd
 
-CHUNK = 1 << 20  # bytes per read: memory per copy stays at one chunk whatever the file's size
+CHUNK = BUFFER  # bytes per read: memory per copy stays at one chunk whatever the file's size
 S3_PART = 5 * 1024 * 1024  # s3fs buffers one part (the S3 minimum) per upload, not its default 50 MB
 ATTRS = ".attrs"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -94,7 +93,6 @@ class FileStore:
         self.root = root.rstrip("/") if root != "/" else ""
         if self.local:
             os.makedirs(self.root, exist_ok=True)
-        self._buffers = threading.local()
 
     def describe(self) -> str:
         return safe_store_url(self.url)
@@ -105,12 +103,6 @@ class FileStore:
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
-
-    def _buffer(self) -> memoryview:
-        buf = getattr(self._buffers, "buf", None)
-        if buf is None:
-            buf = self._buffers.buf = memoryview(bytearray(CHUNK))
-        return buf
 
     # writing
 
@@ -167,7 +159,7 @@ class FileStore:
         size = 0
         readinto = getattr(src, "readinto", None)
         if readinto is not None:
-            buf = self._buffer()
+            buf = buffer()
             while n := readinto(buf):
                 view = buf[:n]
                 sha.update(view)
