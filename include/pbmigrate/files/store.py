@@ -42,6 +42,7 @@ def read_all(path: str) -> bytes:
     finally:
         os.close(fd)
 
+
 def store_config(files: dict | str | None, target_schema: str) -> dict[str, Any]:
     """`{"url", "options"}` of the target's store: the connection's, else PBM_FILES_URL (with
     PBM_FILES_OPTIONS as JSON), else a directory under the work dir. Options may hold secrets."""
