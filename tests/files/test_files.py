@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -242,17 +241,31 @@ def test_file_deleted_from_storage_behind_pocketbases_back_is_a_reject(built, pb
     assert sum(r["copied"] for r in again) == 1 and sum(r["missing"] for r in again) == 1
 
 
+KILL_AFTER = 20  # copies returned before the copying process SIGKILLs itself, 3 more in flight
+
+# The copy kills itself when its KILL_AFTER-th copy returns, while its other workers are inside theirs
+# (opening the source is slowed so they are): no parent polling the store against the clock, so CPU
+# load cannot move the kill to before the 10th copy or after the last one.
 _KILLED_COPY = """
-import json, sys, time
+import json, os, signal, sys, threading, time
 from pbmigrate import files
 from pbmigrate.files import copy as files_copy
-orig = files.LocalStorage.open
+orig_open, orig_copy = files.LocalStorage.open, files_copy.copy_one
+returned, lock = [0], threading.Lock()
 def slow(self, *a):
-    time.sleep(0.15)
-    return orig(self, *a)
+    time.sleep(0.05)
+    return orig_open(self, *a)
+def counted(*a):
+    out = orig_copy(*a)
+    with lock:
+        returned[0] += 1
+        if returned[0] == KILL_AFTER:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return out
 files.LocalStorage.open = slow
+files_copy.copy_one = counted  # looked up by copy_refs at each call
 files_copy.LEDGER_ROWS = 7  # read by copy_refs where it lives
-run, batch, pg_url, store = json.loads(sys.argv[1])
+run, batch, pg_url, store, KILL_AFTER = json.loads(sys.argv[1])
 files.copy_batch(run, batch, pg_url, store)
 """
 
@@ -266,20 +279,15 @@ def test_a_retry_after_a_kill_in_the_middle_of_a_collection_copies_nothing_twice
     run = load_run(pb_data, fresh_pg_url, "fk")
     (batch,) = files.plan_file_batches(run, fresh_pg_url, files=store)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_COPY, json.dumps([run, batch, fresh_pg_url, store])],
-                            env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.attrs"))) < 10 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    spec = json.dumps([run, batch, fresh_pg_url, store, KILL_AFTER])
+    proc = subprocess.run([sys.executable, "-c", _KILLED_COPY, spec], env=env, timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name.endswith(".attrs")}
-    assert 10 <= len(before) < 45  # killed in the middle of the collection
+    # what the kill left committed (data and a complete `.attrs`); a file cut off inside its copy
+    # or its `.attrs` is not committed, and the retry must copy it again
+    opened = files.open_store(store)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.attrs")
+              if opened.head(str(p.relative_to(root))[:-len(".attrs")]) is not None}
+    assert KILL_AFTER <= len(before) < 45  # killed in the middle of the collection
     with psycopg.connect(fresh_pg_url) as conn:
         (ledgered,) = conn.execute("SELECT count(*) FROM pbm_meta.files WHERE run_id = %s", (run["run_id"],)).fetchone()
     assert ledgered <= len(before)  # the ledger lags the store by up to LEDGER_ROWS copies

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,17 +106,32 @@ def copy_refs(conn: psycopg.Connection, storage: Storage, store: FileStore, coll
         if len(pending) >= LEDGER_ROWS:
             flush()
 
-    refs = list(refs)
-    if workers <= 1 or len(refs) < 2:
-        for ref in refs:
-            account(copy_one(storage, store, coll, ref))
-    else:  # a window of LEDGER_ROWS in flight at a time: memory does not grow with the range
-        with ThreadPoolExecutor(workers, thread_name_prefix="pbm-files") as pool:
-            for start in range(0, len(refs), LEDGER_ROWS):
-                for o in pool.map(lambda r: copy_one(storage, store, coll, r), refs[start:start + LEDGER_ROWS]):
-                    account(o)
+    for o in _in_order(storage, store, coll, refs, workers, LEDGER_ROWS):
+        account(o)
     if pending:
         flush()
+
+
+def _in_order(storage: Storage, store: FileStore, coll: Collection, refs: Iterable[Ref], workers: int,
+              ahead: int) -> Iterator[Outcome]:
+    """The outcomes of `refs` in their order, `workers` copies at a time. Up to `ahead` copies are
+    queued beyond the one the caller waits for, so the workers keep copying while the caller writes
+    the ledger, and memory does not grow with the range."""
+    if workers <= 1:
+        yield from (copy_one(storage, store, coll, ref) for ref in refs)
+        return
+    window: deque[Future[Outcome]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="pbm-files") as pool:
+        try:
+            for ref in refs:
+                window.append(pool.submit(copy_one, storage, store, coll, ref))
+                if len(window) > ahead:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for f in window:  # a copy or the ledger failed: queued copies are not started
+                f.cancel()
 
 
 def copy_range(conn: psycopg.Connection, storage: Storage, store: FileStore, table: Table, *,

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 from pbmigrate.errors import SourceError
 from pbmigrate.files.settings import S3Settings, read_settings, s3_settings
-from pbmigrate.files.store import ATTRS, S3_PART
+from pbmigrate.files.store import ATTRS, S3_PART, read_all
 from pbmigrate.source.catalog import Collection
 
 
@@ -43,14 +43,13 @@ class LocalStorage:
         return _local_fingerprint(self.root, coll, record_id, name)
 
     def open(self, coll: Collection, record_id: str, name: str) -> tuple[BinaryIO, dict[str, Any]]:
-        path = self.root / coll.id / record_id / name
+        path = f"{self.root}/{coll.id}/{record_id}/{name}"
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it; read by descriptor
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise MissingFile(f"missing file: {name} is not in PocketBase's storage ({coll.id}/{record_id}/)") from exc
         try:
-            with open(str(path) + ATTRS, "rb") as a:
-                attrs = json.loads(a.read())
+            attrs = json.loads(read_all(path + ATTRS))
         except (FileNotFoundError, ValueError):
             attrs = {}
         user = attrs.get("user.metadata") or {}
@@ -60,14 +59,13 @@ class LocalStorage:
 
 
 def _local_fingerprint(root: Path, coll: Collection, record_id: str, name: str) -> tuple[int, str | None] | None:
-    path = root / coll.id / record_id / name
+    path = f"{root}/{coll.id}/{record_id}/{name}"
     try:
         size = os.stat(path).st_size
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        with open(str(path) + ATTRS, "rb") as a:
-            md5 = json.loads(a.read()).get("md5") or None
+        md5 = json.loads(read_all(path + ATTRS)).get("md5") or None
     except (FileNotFoundError, ValueError):
         md5 = None
     return size, md5
