@@ -24,7 +24,9 @@ from tests.stack import Api, running_stack
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
-BATCH = re.compile(r"^(\w+) \[(\w+)\.\.(\w+)\]$")  # a mapped load task's name: `collection [first..last]`
+LOAD = re.compile(r"^load (\d+) of (\d+): (\d+) batches, ([\d,]+) rows, shared$")  # a mapped load task's name
+RANGE_LINE = re.compile(r"(\w+) -> \w+ \[(\w+)\.\.(\w+)\]: read ([\d,]+), loaded ([\d,]+), rejected ([\d,]+).*; "
+                        r"[\d,]+ rows/s")  # one loaded id range in a load task's log
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing (scripts/services.sh)")]
@@ -152,21 +154,25 @@ def test_a_migration_from_the_trigger_form_shows_its_batches_logs_and_report(pag
 
     page.goto(f"{stack.url}/dags/pocketbase_migration/runs/{quote(run_id, safe='')}/tasks/data.load/mapped")
     page.get_by_text("Task Instances").first.wait_for()
-    page.get_by_text(BATCH).first.wait_for()
+    page.get_by_text(LOAD).first.wait_for()
     page.screenshot(path=str(shots / "grid_batches.png"), full_page=True)
-    names = [n.strip() for n in page.get_by_text(BATCH).all_inner_texts()]
-    loads = [ti for ti in api.task_instances("pocketbase_migration", run_id) if ti["task_id"] == "data.load"]
-    assert sorted(names) == sorted(ti["rendered_map_index"] for ti in loads) and len(names) > 5
-    assert {BATCH.match(n).group(1) for n in names} >= {"users", "matches", "participants"}
+    names = [n.strip() for n in page.get_by_text(LOAD).all_inner_texts()]
+    loads = sorted((ti for ti in api.task_instances("pocketbase_migration", run_id) if ti["task_id"] == "data.load"),
+                   key=lambda ti: ti["map_index"])
+    assert sorted(names) == sorted(ti["rendered_map_index"] for ti in loads) and len(names) == 2  # one per slot
+    (batches,) = {int(LOAD.match(n).group(3)) for n in names}  # both tasks share every range
+    assert batches > 5
 
-    first = min(loads, key=lambda ti: ti["map_index"])
-    collection, lo, hi = BATCH.match(first["rendered_map_index"]).groups()
-    log = task_log_text(page, stack, "pocketbase_migration", run_id, "data.load", first["map_index"])
-    page.screenshot(path=str(shots / "batch_log.png"), full_page=True)
-    summary = re.search(rf"{collection} -> \w+ \[{lo}\.\.{hi}\]: read ([\d,]+), loaded ([\d,]+), "
-                        rf"rejected ([\d,]+).*; [\d,]+ rows/s", log)
-    assert summary, log[-3000:]
-    assert int(summary.group(1).replace(",", "")) > 0
+    seen = []  # the ranges each task's log says it loaded: every range once, by one of the two
+    for ti in loads:
+        log = task_log_text(page, stack, "pocketbase_migration", run_id, "data.load", ti["map_index"])
+        if not seen:
+            page.screenshot(path=str(shots / "batch_log.png"), full_page=True)
+        lines = list(RANGE_LINE.finditer(log))
+        assert all(int(m.group(4).replace(",", "")) > 0 for m in lines), log[-3000:]
+        seen.append({m.group(1, 2, 3) for m in lines})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == batches, seen
+    assert {c for c, _, _ in seen[0] | seen[1]} >= {"users", "matches", "participants"}
 
     report = task_log_text(page, stack, "pocketbase_migration", run_id, "cut_over")
     page.screenshot(path=str(shots / "report_log.png"), full_page=True)
