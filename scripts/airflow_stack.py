@@ -183,6 +183,10 @@ class Stack:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self._port_file("worker_log_port")),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self._port_file("trigger_log_port")),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            # The migration is a chain of short tasks: an idle scheduler that sleeps 1 s (Airflow's default)
+            # before noticing one ended cost 4-8 s of a 47 s run on the 2M sample; 0.2 s, measured.
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": os.environ.get(
+                "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.2"),
             "AIRFLOW_CONN_PBM_POSTGRES": self.pg_url,
             "AIRFLOW_CONN_PBM_REDIS": self.redis_url,
             "PBM_WORK_DIR": str(self.shared_work_dir),
