@@ -3,7 +3,7 @@ alongside. `load.load_batch` wraps it in the batch's transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -226,15 +226,18 @@ def copy_batch(conn: psycopg.Connection, source: Source, table: Table, schema: s
                 n, data = junction_copy_rows(part.columns[0], targets)
                 junction_count += n
                 if n:
-                    with cur.copy(junction_sql(schema, j)) as copy:
-                        copy.write(pgbinary.HEADER)
-                        copy.write(data)
-                        copy.write(pgbinary.TRAILER)
+                    copy_junction_rows(cur, schema, j, [data])
     return read, loaded, total, junction_count, rejects
 
 
-def junction_sql(schema: str, j: Junction) -> str:
-    return f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN (FORMAT BINARY)"
+def copy_junction_rows(cur: psycopg.Cursor, schema: str, j: Junction, blocks: Iterable[bytes]) -> None:
+    """One binary COPY of a junction table's rows, given as blocks of `junction_copy_rows` output."""
+    sql = f"COPY {qi(schema)}.{qi(j.table)} ({qi(j.owner)}, {qi(j.target)}, position) FROM STDIN (FORMAT BINARY)"
+    with cur.copy(sql) as copy:
+        copy.write(pgbinary.HEADER)
+        for block in blocks:
+            copy.write(block)
+        copy.write(pgbinary.TRAILER)
 
 
 def copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes]) -> None:
@@ -243,8 +246,4 @@ def copy_junction(cur: psycopg.Cursor, schema: str, j: Junction, spool: IO[bytes
     if not spool.tell():
         return
     spool.seek(0)
-    with cur.copy(junction_sql(schema, j)) as copy:
-        copy.write(pgbinary.HEADER)
-        while block := spool.read(1 << 20):
-            copy.write(block)
-        copy.write(pgbinary.TRAILER)
+    copy_junction_rows(cur, schema, j, iter(lambda: spool.read(1 << 20), b""))
