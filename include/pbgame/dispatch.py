@@ -12,11 +12,13 @@ Starlette app unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -30,6 +32,24 @@ class Dispatch:
         self.app = app
         self.exact = exact
         self.param = param
+
+    @classmethod
+    def for_routes(cls, app: Starlette, hot: Collection[Handler]) -> Dispatch:
+        """The tables derived from `app`'s own routes whose endpoint is in `hot` (the journeys), so
+        the routes stay the one list: fixed paths, or one trailing parameter (others stay Starlette's).
+        HEAD stays Starlette's too."""
+        exact: dict[tuple[str, str], Handler] = {}
+        param: dict[tuple[str, str], tuple[str, Handler]] = {}
+        for route in app.routes:
+            if not isinstance(route, Route) or route.endpoint not in hot:
+                continue
+            head, _, last = route.path.rpartition("/")
+            for method in sorted((route.methods or set()) - {"HEAD"}):
+                if "{" not in route.path:
+                    exact[(method, route.path)] = route.endpoint
+                elif "{" not in head and last.startswith("{") and last.endswith("}"):
+                    param[(method, head + "/")] = (last[1:-1], route.endpoint)
+        return cls(app, exact, param)
 
     def __getattr__(self, name: str) -> Any:  # app.state, app.routes...: the Starlette app's
         return getattr(self.app, name)

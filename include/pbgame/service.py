@@ -501,12 +501,6 @@ def build_app(settings: Settings | None = None, game: GameSchema | None = None) 
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.game = svc
-    # The journeys' hot paths, found by one dict lookup (see pbgame.dispatch); the routes above
-    # stay the reference and serve the rest.
-    exact = {("POST", "/api/login"): eps["login"], ("GET", "/api/players/me"): eps["profile_me"],
-             ("GET", "/api/players/me/matches"): eps["history"], ("GET", "/api/players/me/inventory"): eps["inventory"],
-             ("POST", "/api/matches"): eps["match_result"], ("POST", "/api/matchmaking/join"): eps["matchmaking_join"],
-             ("POST", "/api/matchmaking/pop"): eps["matchmaking_pop"]}
-    param = {("GET", "/api/players/"): ("player_id", eps["profile"]),
-             ("GET", "/api/leaderboards/"): ("season", eps["leaderboard"])}
-    return Dispatch(app, exact, param)
+    # The journeys' hot paths, found by one dict lookup (see pbgame.dispatch), derived from the
+    # routes above, which serve the rest.
+    return Dispatch.for_routes(app, hot=set(eps.values()))

@@ -53,3 +53,17 @@ def test_everything_else_goes_to_starlette_unchanged() -> None:
     assert health.text == "starlette"
     assert wrong1.status_code == wrong2.status_code == 405  # a wrong method is Starlette's answer
     assert empty.status_code == deeper.status_code == nowhere.status_code == 404  # no parameter, or two: no match
+
+
+def test_the_tables_come_from_the_apps_own_routes() -> None:
+    """A journey's route is written once: the dispatcher's tables are derived from it (fixed paths and
+    one trailing parameter; HEAD, other endpoints and deeper parameters stay Starlette's)."""
+    async def other(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("other")
+
+    app = Starlette(routes=[Route("/api/players/me", _fast), Route("/api/players/{player_id}", _fast),
+                            Route("/api/matches", _fast, methods=["POST"]), Route("/api/f/{a}/{b}", _fast),
+                            Route("/health", other)])
+    lean = Dispatch.for_routes(app, hot={_fast})
+    assert lean.exact == {("GET", "/api/players/me"): _fast, ("POST", "/api/matches"): _fast}
+    assert lean.param == {("GET", "/api/players/"): ("player_id", _fast)}
