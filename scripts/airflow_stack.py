@@ -356,6 +356,7 @@ class Stack:
                     dags = {d["dag_id"] for d in s.get(f"{self.url}/api/v2/dags", timeout=10).json()["dags"]}
                     if set(DAG_IDS) <= dags:
                         if self.executor != "celery" or self._workers_up():
+                            self._warm_execution_api()
                             return
                         last = "the Celery workers have not answered"
                     else:
@@ -364,6 +365,15 @@ class Stack:
                 pass
             time.sleep(1)
         raise StackError(f"Airflow did not come up within {timeout:.0f} s: {last} (logs: {self.log_dir})")
+
+    def _warm_execution_api(self) -> None:
+        """Build the task execution API's versioned routes now, not in the first task.
+
+        Airflow's execution API (a Cadwyn app mounted at /execution) generates its versioned
+        routers on the first request it serves: 5 to 10 s of CPU here, which the first task of the
+        first run otherwise waits for (its start call to the API). Any request does it; the health
+        route needs no token."""
+        requests.get(f"{self.url}/execution/health", timeout=120).raise_for_status()
 
     def _workers_up(self) -> bool:
         from celery import Celery

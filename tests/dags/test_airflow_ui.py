@@ -179,6 +179,16 @@ def test_a_migration_from_the_trigger_form_shows_its_batches_logs_and_report(pag
     assert f"Migration report: run `{run_id}`" in report and "Status: promoted" in report
 
 
+def test_the_stack_builds_the_execution_api_before_a_task_calls_it(stack, api: Api) -> None:
+    """The execution API builds its versioned routes on the first request it serves (5 to 10 s of
+    CPU here): the stack's start makes that request, so no task's start call waits for it."""
+    log = (stack.log_dir / "api-server.log").read_text(errors="replace")
+    warmed = log.find("path=/execution/health")
+    first_task_call = log.find("path=/execution/task-instances/")
+    assert warmed >= 0, "the stack never called /execution/health"
+    assert first_task_call < 0 or warmed < first_task_call
+
+
 def test_the_forms_defaults_run_api_mode_and_an_empty_mapping_copies_every_collection(
         page, stack, api: Api, pocketbase: dict) -> None:
     api_run = trigger_from_form(page, stack, api, "pocketbase_migration", {"target_schema": "api"})
