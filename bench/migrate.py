@@ -246,6 +246,9 @@ def _wait_http(port: int, timeout: float = 90) -> None:
     while time.monotonic() < deadline:
         try:
             requests.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2)
+            # as the make-airflow stack does at start-up: the execution API builds its versioned
+            # routes on its first request, which the first task's start call would wait for
+            requests.get(f"http://127.0.0.1:{port}/execution/health", timeout=120).raise_for_status()
             return
         except requests.RequestException:
             time.sleep(0.5)
