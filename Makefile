@@ -42,6 +42,7 @@ lint: venv
 bench: venv services
 	$(PY) bench/read.py
 	$(PY) bench/migrate.py
+	$(PY) bench/memory.py
 	$(PY) bench/validate.py
 	$(PY) bench/resync.py
 	$(PY) bench/cache_warmup.py
