@@ -135,6 +135,7 @@ def run_dag(pb_data: Path, batch_size: int, slots: int) -> dict:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",  # as make airflow's stack sets it
         "AIRFLOW_CONN_PBM_POSTGRES": target_url,
         "AIRFLOW_CONN_PBM_REDIS": "redis://127.0.0.1:6379/14",
         "PBM_WORK_DIR": str(home / "work"),

@@ -189,6 +189,25 @@ def test_the_stack_builds_the_execution_api_before_a_task_calls_it(stack, api: A
     assert first_task_call < 0 or warmed < first_task_call
 
 
+WORKLOAD_DONE = re.compile(r"Workload finished .*?duration=([\d.]+) .*?workload_id=([0-9a-f-]{36})")
+
+
+def test_no_task_holds_its_executor_slot_after_it_ended(stack, api: Api) -> None:
+    """A task's supervisor frees its slot when the task process is reaped. Once the process has closed
+    its sockets, Airflow polls for its exit every `min_heartbeat_interval` (5 s by default), so the
+    next task started 3.5-5 s after each heavy one; the stack sets 1 s. Held = the supervisor's
+    workload time minus the task's own run time, for every task of the migrations run so far."""
+    done = {m.group(2): float(m.group(1)) for m in
+            WORKLOAD_DONE.finditer((stack.log_dir / "scheduler.log").read_text(errors="replace"))}
+    held = {}
+    for run_id in api.run_ids("pocketbase_migration"):
+        for ti in api.task_instances("pocketbase_migration", run_id):
+            if ti["id"] in done and ti["duration"] is not None:
+                held[f"{ti['task_id']}[{ti['map_index']}]"] = round(done[ti["id"]] - ti["duration"], 2)
+    assert len(held) >= 10, f"too few finished workloads in the scheduler's log: {held}"
+    assert max(held.values()) < 2.5, held
+
+
 def test_the_forms_defaults_run_api_mode_and_an_empty_mapping_copies_every_collection(
         page, stack, api: Api, pocketbase: dict) -> None:
     api_run = trigger_from_form(page, stack, api, "pocketbase_migration", {"target_schema": "api"})
