@@ -5,6 +5,10 @@ select sets, relations), and its Data Docs give a person something to click thro
 checksums prove that every value equals what the batch read from the source, which no
 expectation can. Everything is recorded in `pbm_meta.checks`; the gate reads it from there.
 
+What the finalized schema's catalog already proves (a primary key, NOT NULL, a validated foreign
+key, a unique index) is not asked of GX again: those checks pass with the constraint's name in
+`observed` (`catalog_proofs`), so the same checks are recorded and GX only scans for the rest.
+
 GX is imported inside functions only: importing it takes seconds and fills logs, and the
 scheduler parses the DAG files that import this module. The context is ephemeral (nothing but
 the Data Docs and our own JSON touch the disk) and reaches PostgreSQL through an environment
