@@ -121,8 +121,9 @@ def table_specs(table: Table, schema: str, expected_rows: int) -> list[Spec]:
 # One pass over the schema's catalog: every fact a constraint or index guarantees for the rows
 # committed now. Only what PostgreSQL enforces counts: a validated foreign key whose triggers are
 # enabled (a NOT VALID one, or one with `DISABLE TRIGGER`, says nothing about the rows), a valid
-# unique index without predicate or expressions whose columns hold no NULL (GROUP BY would count
-# two NULL ids as a duplicate, a unique index allows them), a column's NOT NULL (attnotnull).
+# unique index without predicate or expressions on a NOT NULL column (GROUP BY would count two
+# NULL ids as a duplicate, a unique index allows them; NULLS NOT DISTINCT is not read: PostgreSQL
+# 12-14, which preflight accepts, lack the column), a column's NOT NULL (attnotnull).
 _CATALOG_SQL = """
 WITH rel AS (
     SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -135,7 +136,7 @@ SELECT 'unique', r.relname, a.attname, NULL, i.relname
   FROM rel r JOIN pg_index x ON x.indrelid = r.oid JOIN pg_class i ON i.oid = x.indexrelid
   JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum = x.indkey[0]
  WHERE x.indisunique AND x.indisvalid AND x.indnatts = 1 AND x.indpred IS NULL AND x.indexprs IS NULL
-   AND (a.attnotnull OR x.indnullsnotdistinct)
+   AND a.attnotnull
 UNION ALL
 SELECT 'references', r.relname, a.attname, t.relname, k.conname
   FROM rel r JOIN pg_constraint k ON k.conrelid = r.oid JOIN rel t ON t.oid = k.confrelid
