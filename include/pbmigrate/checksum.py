@@ -99,12 +99,16 @@ PY_CANON: dict[str, Callable[[Any], str]] = {
 }
 
 _NULLSAFE = "coalesce({e}, '\\N')"
+# Epoch microseconds from timestamptz's binary form (microseconds since 2000-01-01 as a signed
+# int64), not extract(epoch ...) * 1e6: that computes in numeric and cost the checksums ~10 %
+# of their time on the 2M sample; both give the same integer.
+_EPOCH_US = "(('x' || encode(timestamptz_send({c}), 'hex'))::bit(64)::bigint + 946684800000000)"
 SQL_CANON: dict[str, str] = {
     "text": _NULLSAFE.format(e="{c}"),
     "bigint": "{c}::text",
     "double precision": "encode(float8send({c}), 'hex')",
     "boolean": "CASE WHEN {c} THEN 't' ELSE 'f' END",
-    "timestamptz": _NULLSAFE.format(e="(extract(epoch FROM {c}) * 1000000)::bigint::text"),
+    "timestamptz": _NULLSAFE.format(e=_EPOCH_US + "::text"),
     "text[]": "array_to_json({c})::text",
     "jsonb": _NULLSAFE.format(e="{c}::text"),
     "point": "encode(float8send({c}[0]), 'hex') || encode(float8send({c}[1]), 'hex')",

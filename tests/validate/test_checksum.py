@@ -65,3 +65,13 @@ def test_checksum_does_not_depend_on_row_order():
     forward = sum(checksum.digest(checksum.row_canon(canons, r)) for r in rows)
     backward = sum(checksum.digest(checksum.row_canon(canons, r)) for r in reversed(rows))
     assert checksum.fold(forward) == checksum.fold(backward)
+
+
+def test_timestamptz_canonical_form_is_epoch_microseconds_on_either_side_of_both_epochs(pg):
+    values = [datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(1970, 1, 1, tzinfo=UTC),
+              datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC), datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+              datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), None]
+    sql = checksum.SQL_CANON["timestamptz"].format(c="v")
+    for v in values:
+        (stored,) = pg.execute(f"SELECT {sql} FROM (SELECT %s::timestamptz AS v) t", (v,)).fetchone()
+        assert stored == checksum.PY_CANON["timestamptz"](v)

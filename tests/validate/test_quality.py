@@ -190,3 +190,76 @@ def test_after_a_final_resync_tables_are_compared_with_the_new_snapshot_not_the_
     summary = quality.validate_run(run, fresh_pg_url)
     assert [(f["table"], f["check"]) for f in summary["failures"]] == [("demo2", "checksums")]
     assert summary["failures"][0]["observed"]["changed"] == 1
+
+
+def test_checks_the_catalog_proves_skip_gx_and_without_a_valid_constraint_gx_still_catches(
+        fresh_pg_url, fixture_022):
+    run = migrate(fixture_022, fresh_pg_url, "fx", "proven")
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        for sql in (
+            # the foreign key comes back NOT VALID over a dangling id: it proves nothing
+            "ALTER TABLE fx_staging.users DROP CONSTRAINT fk_users_rel",
+            "UPDATE fx_staging.users SET rel = 'nowhere' WHERE id = 'oap640cot4yru2s'",
+            "ALTER TABLE fx_staging.users ADD CONSTRAINT fk_users_rel FOREIGN KEY (rel) "
+            "REFERENCES fx_staging.demo2 (id) NOT VALID",
+            # no NOT NULL any more: GX counts the NULL
+            "ALTER TABLE fx_staging.demo2 ALTER COLUMN title DROP NOT NULL",
+            "UPDATE fx_staging.demo2 SET title = NULL WHERE id = 'llvuca81nly1qls'",
+        ):
+            conn.execute(sql)
+
+    summary = quality.validate_run(run, fresh_pg_url)
+
+    checks = _checks(fresh_pg_url, run["run_id"])
+    assert len(checks) == summary["checks"]
+    ok, obs = checks[("users", "no_orphans:rel->demo2")]
+    assert not ok and obs["examples"] == ["oap640cot4yru2s"] and "proven_by_constraint" not in obs
+    ok, obs = checks[("demo2", "not_null:title")]
+    assert not ok and obs["unexpected_count"] == 1 and obs["examples"] == ["llvuca81nly1qls"]
+    # what the constraints do prove passes without a GX query, under the same check names
+    assert checks[("users", "primary_key_unique")] == (True, {"proven_by_constraint": "users_pkey",
+                                                              "observed_value": 0})
+    assert checks[("users", "primary_key_not_null")][1]["proven_by_constraint"] == "users.id NOT NULL"
+    assert checks[("demo4", "not_null:rel_one_no_cascade_required")][1]["unexpected_count"] == 0
+    assert checks[("demo1", "no_orphans:demo1_rel_many.target_id->users")][1] == {
+        "proven_by_constraint": "demo1_rel_many_target_id_fk", "observed_value": 0}
+    # the row count and the select sets are never proven: GX counts them
+    assert checks[("demo1", "row_count")][1]["observed_value"] == 3
+    assert "proven_by_constraint" not in checks[("demo5", "in_set:select_one")][1]
+    gx_ran = json.loads(Path(summary["results"]).read_text())["gx"]["users"]["results"]
+    gx_checks = {r["expectation_config"]["meta"]["check"] for r in gx_ran}
+    assert "no_orphans:rel->demo2" in gx_checks and "primary_key_unique" not in gx_checks
+
+
+def test_catalog_proofs_count_only_what_postgresql_enforces(pg):
+    pg.execute("DROP SCHEMA IF EXISTS proofs CASCADE")
+    for sql in (
+        "CREATE SCHEMA proofs",
+        "CREATE TABLE proofs.t (id text PRIMARY KEY, n text, u text NOT NULL, p text NOT NULL, q text)",
+        "CREATE UNIQUE INDEX t_u ON proofs.t (u)",  # null-free column: proves uniqueness
+        "CREATE UNIQUE INDEX t_p ON proofs.t (p) WHERE p <> ''",  # partial: proves nothing
+        "CREATE UNIQUE INDEX t_q ON proofs.t (q)",  # two NULLs pass it but are a GROUP BY duplicate
+        "CREATE TABLE proofs.r (id text PRIMARY KEY, a text, b text, c text)",
+        "ALTER TABLE proofs.r ADD CONSTRAINT r_a FOREIGN KEY (a) REFERENCES proofs.t (id)",
+        "INSERT INTO proofs.r VALUES ('1', NULL, 'ghost', NULL)",  # NOT VALID checks new rows only
+        "ALTER TABLE proofs.r ADD CONSTRAINT r_b FOREIGN KEY (b) REFERENCES proofs.t (id) NOT VALID",
+        "ALTER TABLE proofs.r ADD CONSTRAINT r_c FOREIGN KEY (c) REFERENCES proofs.t (id)",
+        # r_c's check trigger disabled: it no longer holds r's rows to anything
+        """DO $$ DECLARE g name; BEGIN
+             FOR g IN SELECT tgname FROM pg_trigger WHERE tgrelid = 'proofs.r'::regclass
+                AND tgconstraint = (SELECT oid FROM pg_constraint WHERE conname = 'r_c') LOOP
+               EXECUTE format('ALTER TABLE proofs.r DISABLE TRIGGER %I', g);
+             END LOOP; END $$""",
+        "UPDATE proofs.r SET c = 'ghost'",  # r_c lets it in
+    ):
+        pg.execute(sql)
+
+    proofs = quality.catalog_proofs(pg, "proofs")
+
+    assert proofs[("unique", "t", "id")] == "t_pkey" and proofs[("not_null", "t", "id")] == "t.id NOT NULL"
+    assert proofs[("unique", "t", "u")] == "t_u" and ("not_null", "t", "u") in proofs
+    assert ("unique", "t", "p") not in proofs and ("unique", "t", "q") not in proofs
+    assert ("not_null", "t", "n") not in proofs
+    assert proofs[("references", "r", "a", "t")] == "r_a"
+    assert ("references", "r", "b", "t") not in proofs and ("references", "r", "c", "t") not in proofs
+    pg.execute("DROP SCHEMA proofs CASCADE")
