@@ -89,3 +89,57 @@ def test_finalize_run_twice_changes_nothing(fresh_pg_url, fixture_022):
     first = {k: v for k, v in run["finalize"].items() if k not in timings}
     assert {k: v for k, v in again.items() if k not in timings} == first
     _assert_ledger_matches_target(fresh_pg_url, run)
+
+
+def _seed_orphans_only(db: Path) -> None:
+    """Dangling ids but no duplicate: `prebuild` adds and validates the foreign keys itself, and
+    one of them meets the orphan."""
+    with sqlite3.connect(db) as raw:
+        raw.execute("UPDATE demo5 SET rel_one = 'missing0000001' WHERE id = 'la4y2w4o98acwuj'")
+        raw.execute("UPDATE demo4 SET self_rel_many = '[\"i9naidtvr6qsgb4\",\"nope00000000001\"]' "
+                    "WHERE id = 'qzaqccwrmva4o1n'")
+
+
+def _foreign_keys(conn: psycopg.Connection, schema: str) -> dict[str, bool]:
+    return dict(conn.execute(
+        """SELECT c.conname, c.convalidated FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+            WHERE n.nspname = %s AND c.contype = 'f'""", (schema,)).fetchall())
+
+
+@pytest.mark.parametrize("orphans", ["reject", "null"])
+def test_orphans_without_duplicates_are_decided_with_no_key_acting_on_delete(fresh_pg_url, fixture_022, orphans):
+    """The keys `prebuild` validated are dropped before any row is rejected: demo5's rows that point
+    at a rejected demo4 row are decided and recorded too (a key's ON DELETE CASCADE / SET NULL would
+    have changed them silently), and the ledger still matches what the target holds."""
+    _seed_orphans_only(fixture_022 / "data.db")
+    run = _migrate(fresh_pg_url, fixture_022, f"orph_{orphans}", orphans)
+    with psycopg.connect(fresh_pg_url) as conn:
+        rejected = {(c, r) for c, r in conn.execute(
+            "SELECT collection, record_id FROM pbm_meta.rejects WHERE run_id = %s AND stage = 'finalize'",
+            (run["run_id"],))}
+        keys = _foreign_keys(conn, run["staging_schema"])
+    assert run["finalize"]["duplicates"] == {}
+    if orphans == "reject":  # the dangling rows, then each row that pointed at a rejected one
+        assert rejected == {("demo5", "la4y2w4o98acwuj"), ("demo4", "qzaqccwrmva4o1n"),
+                            ("demo4", "i9naidtvr6qsgb4"), ("demo5", "qjeql998mtp1azp")}
+    else:
+        assert rejected == set() and run["finalize"]["orphans"]["demo5.rel_one"] == 1
+    assert len(keys) == run["finalize"]["foreign_keys"] and all(keys.values())
+    _assert_ledger_matches_target(fresh_pg_url, run)
+
+
+def test_clean_data_gets_valid_keys_from_prebuild_and_no_index_an_index_already_leads(fresh_pg_url, fixture_022):
+    """With nothing to decide, every foreign key is valid; a foreign key column that a whole-table
+    index leads gets no index of its own, one that only a partial index leads still does."""
+    with sqlite3.connect(fixture_022 / "data.db") as raw:
+        raw.execute("UPDATE _collections SET indexes = json_insert(indexes, '$[#]', 'CREATE INDEX "
+                    "`idx_demo4_self` ON `demo4` (`self_rel_one`, `created`)') WHERE name = 'demo4'")
+    run = _migrate(fresh_pg_url, fixture_022, "clean", "reject")
+    schema = run["staging_schema"]
+    with psycopg.connect(fresh_pg_url) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))}
+        keys = _foreign_keys(conn, schema)
+    assert "idx_demo4_self" in indexes and "demo4_self_rel_one_fk_idx" not in indexes
+    assert {"demo4_rel_one_unique_fk_idx", "demo4_rel_one_cascade_fk_idx", "demo5_rel_one_fk_idx"} <= indexes
+    assert len(keys) == run["finalize"]["foreign_keys"] > 0 and all(keys.values())
+    assert run["finalize"]["orphans"] == {} and run["finalize"]["orphan_rejects"] == 0

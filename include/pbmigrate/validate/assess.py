@@ -20,8 +20,6 @@ import psycopg
 
 from pbmigrate.audit import meta
 from pbmigrate.context import open_run_source
-from pbmigrate.load.columnar.batch import TableConverter
-from pbmigrate.load.columnar.read import chunks
 from pbmigrate.plan.mapping import Mapping, load_mapping
 from pbmigrate.plan.model import INDEX_RE, Plan, Table, build_plan
 from pbmigrate.source import Source
@@ -48,7 +46,11 @@ def _add(bucket: dict, key: str, rid: str) -> None:
 
 def bad_values(source: Source, table: Table) -> dict[str, dict]:
     """{"field: reason kind": {count, examples}} from the loader's own column converters (and, for
-    the rows they send back, its per-row ones): a scan on the load's columnar machinery."""
+    the rows they send back, its per-row ones): a scan on the load's columnar machinery (imported
+    here: the DAG's assessment reads the load's rejects instead and never needs pyarrow)."""
+    from pbmigrate.load.columnar.batch import TableConverter
+    from pbmigrate.load.columnar.read import chunks
+
     work = TableConverter(table, source.has_secrets)
     rejects: list[tuple[str, str, str]] = []
     for chunk in chunks(source, table, None, None):
@@ -120,11 +122,15 @@ def dangling_api(source: Source, coll: Collection, catalog: Catalog) -> dict[str
 
 
 def duplicates_sqlite(src: SqliteSource, coll: Collection) -> list[dict]:
-    """Groups that break (or, by letter case only, nearly break) a unique index."""
+    """Groups that break (or, by letter case only, nearly break) a unique index. A unique index
+    the snapshot itself holds (the same SQL in sqlite_master) is not scanned: SQLite enforced it on
+    every write, so it has no duplicate group, and its GROUP BY cost a sort of the whole table."""
     out = []
+    held = {r[0] for r in src.query("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                                    "AND sql IS NOT NULL", (coll.name,))}
     for sql in coll.indexes:
         m = INDEX_RE.match(sql)
-        if not m or not m.group("unique"):
+        if not m or not m.group("unique") or sql in held:
             continue
         cols = re.sub(r"\s+(ASC|DESC)\b", "", m.group("cols"), flags=re.I)
         where = f"WHERE {m.group('where')}" if m.group("where") else ""
