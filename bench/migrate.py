@@ -139,7 +139,7 @@ def run_dag(pb_data: Path, batch_size: int, slots: int) -> dict:
         "AIRFLOW_CONN_PBM_POSTGRES": target_url,
         "AIRFLOW_CONN_PBM_REDIS": "redis://127.0.0.1:6379/14",
         "PBM_WORK_DIR": str(home / "work"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "dags")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), str(ROOT / "plugins"), str(ROOT / "dags")]),
     }
     airflow = [sys.executable, "-m", "airflow"]
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
