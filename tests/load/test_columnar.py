@@ -179,3 +179,27 @@ def test_jsonb_text_fast_path_is_exactly_the_converter(pg) -> None:
         assert got == expected, raw
         if got[0] == "ok" and got[1] is not None:
             assert pg.execute("SELECT %s::jsonb::text", (raw,)).fetchone()[0] == got[1]
+
+
+def test_json_column_memo_gives_the_same_text_and_stays_bounded(monkeypatch) -> None:
+    """The memo of canonical JSON texts: a second pass (served from it) equals the first, rejects
+    are never remembered, and a full memo starts over instead of growing."""
+    import pyarrow as pa
+
+    from pbmigrate.load.columnar import vector
+    from pbmigrate.source.catalog import Field
+
+    f = Field("j", "json")
+    arr = pa.array(JSON_VALUES * 3 + [None], pa.string())
+    monkeypatch.setattr(vector, "_json_memo", {})
+    first = vector.json(arr, f)
+    remembered = dict(vector._json_memo)
+    assert remembered
+    second = vector.json(arr, f)
+    assert second.values.equals(first.values) and (second.bad == first.bad).all()
+    assert first.bad.any()  # invalid JSON is rejected both times: not served from the memo
+    assert all(not first.bad[i] for i, raw in enumerate(arr.to_pylist()) if raw in remembered)
+    monkeypatch.setattr(vector, "JSON_MEMO_MAX", 4)
+    monkeypatch.setattr(vector, "_json_memo", {})
+    vector.json(arr, f)
+    assert len(vector._json_memo) <= 4

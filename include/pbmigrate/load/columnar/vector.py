@@ -157,17 +157,36 @@ def jsonb_text(raw: str | None, conv) -> str | None:
     return out
 
 
+JSON_MEMO_MAX = 65_536  # entries; texts longer than JSON_MEMO_TEXT are not kept
+JSON_MEMO_TEXT = 256  # so the memo holds at most ~40 MB of hostile texts
+_json_memo: dict[str, str | None] = {}
+
+
 def json(arr: pa.Array, f: Field) -> Converted:
-    """Each distinct text once to jsonb's exact canonical text (`jsonb_text`)."""
+    """Each distinct text once to jsonb's exact canonical text (`jsonb_text`), remembered across
+    chunks and batches: game data repeats its JSON (65k distinct `attributes` in 400k rows, a chunk
+    holds 16k), and parsing and printing is most of a json column's cost. The canonical text
+    depends on the text alone (a field's name only names a reject, and rejects are not kept)."""
     conv = json_value(f)
     enc = arr.dictionary_encode()
+    memo = _json_memo
     out, bad_codes = [], []
     for code, raw in enumerate(enc.dictionary.to_pylist()):
+        hit = memo.get(raw, memo)
+        if hit is not memo:
+            out.append(hit)
+            continue
         try:
-            out.append(jsonb_text(raw, conv))
+            canon = jsonb_text(raw, conv)
         except Reject:
             out.append(None)
             bad_codes.append(code)
+            continue
+        out.append(canon)
+        if raw is not None and len(raw) <= JSON_MEMO_TEXT:
+            if len(memo) >= JSON_MEMO_MAX:
+                memo.clear()
+            memo[raw] = canon
     values = pc.take(pa.array(out, pa.string()), enc.indices)
     bad = _none(len(arr))
     if bad_codes:
