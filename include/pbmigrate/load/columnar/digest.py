@@ -3,8 +3,7 @@
 Exactly `checksum`'s canonical form (the one validation recomputes inside PostgreSQL): each
 column reduced to its canonical text, a row's columns joined with \\x1f, the first 64 bits of md5,
 summed modulo 2**64. Arrow's kernels build the text (numpy gives the IEEE-754 bits of floats, as
-hex); DuckDB only hashes it (`md5_number_upper`, the digest's first 8 bytes little-endian, which
-numpy swaps and sums). DuckDB formatting and concatenating the text as well cost twice as much.
+hex); DuckDB only hashes and sums it.
 """
 
 from __future__ import annotations
@@ -78,27 +77,34 @@ def _row_text(columns: list[tuple[pa.Array, str]]) -> pa.Array:
     return pc.binary_join_element_wise(*texts, checksum.SEP, null_handling="skip")
 
 
-def md5_64(text: pa.Array) -> np.ndarray:
-    """The first 64 bits of each text's md5 as a big-endian uint64 (`checksum.digest`, unsigned)."""
+_MD5_64 = "('0x' || left(md5(s), 16))::UBIGINT"  # 2.5x faster here than DuckDB's md5_number_upper
+
+
+def _duck(sql: str, text: pa.Array) -> pa.ChunkedArray:
     con = duck()
     con.register("pbm_sum", pa.table({"s": text}))
     try:
-        out = con.sql("SELECT md5_number_upper(s) FROM pbm_sum").to_arrow_table().column(0)
+        return con.sql(sql).to_arrow_table().column(0)
     finally:
         con.unregister("pbm_sum")
+
+
+def md5_64(text: pa.Array) -> np.ndarray:
+    """The first 64 bits of each text's md5 as a uint64 (`checksum.digest`, unsigned)."""
     # through Arrow: fetchnumpy imports pandas
-    return out.to_numpy().astype(np.uint64, copy=False).byteswap()
+    return _duck(f"SELECT {_MD5_64} FROM pbm_sum", text).to_numpy().astype(np.uint64, copy=False)
 
 
-def _sum(digests: np.ndarray) -> int:
-    return int(digests.sum(dtype=np.uint64))  # wraps modulo 2**64, as `checksum.fold` does
+def md5_sum(text: pa.Array) -> int:
+    """The sum of `md5_64` over the texts (not yet folded modulo 2**64)."""
+    return int(_duck(f"SELECT sum({_MD5_64})::VARCHAR FROM pbm_sum", text)[0].as_py() or 0)
 
 
 def rows_sum(columns: list[tuple[pa.Array, str]]) -> int:
     """Sum of row digests; columns are (prepared column, form name) from `prepare`."""
     if not columns or len(columns[0][0]) == 0:
         return 0
-    return _sum(md5_64(_row_text(columns)))
+    return md5_sum(_row_text(columns))
 
 
 def row_digests(columns: list[tuple[pa.Array, str]]) -> np.ndarray:
@@ -127,4 +133,4 @@ def junction_sum(name: str, owners: pa.Array, canon: pa.Array, counts: pa.Array)
         return 0
     some = pc.greater(counts, 0)
     owners, canon = owners.filter(some), canon.filter(some)
-    return _sum(md5_64(_junction_text(name, owners, canon))) if len(owners) else 0
+    return md5_sum(_junction_text(name, owners, canon)) if len(owners) else 0
