@@ -30,6 +30,8 @@ HOSTILE = [
     "2024-02-30 00:00:00.000Z", "2024-01-01 24:00:00.000Z", "2024-01-01 00:00:60.000Z", '[""]', '["a", "b"]',
     '["a\\"b"]', '["é","\x7f"]', '{"lon":1.5,"lat":-2}', '{"lat":0,"lon":0}', '{"lon":1e400,"lat":0}',
     '{"b":1,"a":[1.50,2e3]}', "123", 9007199254740993, 0.1, '"hello"', "1e400",
+    # genuine values equal to the read's sentinels ("\x00", -(2**63) and 2 are above): per-row, still exact
+    -float(2**60), -(2**60),
 ]
 
 
@@ -177,3 +179,63 @@ def test_jsonb_text_fast_path_is_exactly_the_converter(pg) -> None:
         assert got == expected, raw
         if got[0] == "ok" and got[1] is not None:
             assert pg.execute("SELECT %s::jsonb::text", (raw,)).fetchone()[0] == got[1]
+
+
+def test_json_column_memo_gives_the_same_text_and_stays_bounded(monkeypatch) -> None:
+    """The memo of canonical JSON texts: a second pass (served from it) equals the first, rejects
+    are never remembered, and a full memo starts over instead of growing."""
+    import pyarrow as pa
+
+    from pbmigrate.load.columnar import vector
+    from pbmigrate.source.catalog import Field
+
+    f = Field("j", "json")
+    arr = pa.array(JSON_VALUES * 3 + [None], pa.string())
+    monkeypatch.setattr(vector, "_json_memo", {})
+    first = vector.json(arr, f)
+    remembered = dict(vector._json_memo)
+    assert remembered
+    second = vector.json(arr, f)
+    assert second.values.equals(first.values) and (second.bad == first.bad).all()
+    assert first.bad.any()  # invalid JSON is rejected both times: not served from the memo
+    assert all(not first.bad[i] for i, raw in enumerate(arr.to_pylist()) if raw in remembered)
+    monkeypatch.setattr(vector, "JSON_MEMO_MAX", 4)
+    monkeypatch.setattr(vector, "_json_memo", {})
+    vector.json(arr, f)
+    assert len(vector._json_memo) <= 4
+
+
+def test_binary_copy_packs_fixed_width_runs_exactly(pg) -> None:
+    """Runs of fixed-width columns packed in one record, NULLs and variable-width columns between
+    them: PostgreSQL reads back exactly the values (a wrong length or byte order fails the COPY or
+    the comparison)."""
+    import pyarrow as pa
+
+    from pbmigrate.load.columnar import pgbinary
+
+    ts = pa.timestamp("us", tz="UTC")
+    cols = [
+        pa.array(["a", "béé", ""]), pa.array([1, -2**63, 2**63 - 1], pa.int64()), pa.array([1.5, -0.0, 1e300]),
+        pa.array([True, False, True]), pa.array([0, 1_700_000_000_000_000, -1], pa.int64()).cast(ts),
+        pa.array([None, 5, 6], pa.int64()), pa.array([7, 8, 9], pa.int32()),
+        pa.StructArray.from_arrays([pa.array([1.0, 2.0, 3.0]), pa.array([-1.0, 0.0, 9.5])], ["lon", "lat"]),
+        pa.array([["x", "y"], [], ["z"]], pa.list_(pa.string())),
+        pa.array([0, None, 3], pa.int64()).cast(ts), pa.array([False, True, False]),
+    ]
+    types = ["text", "bigint", "double precision", "boolean", "timestamptz", "bigint", "integer", "point", "text[]",
+             "timestamptz", "boolean"]
+    pg.execute("DROP TABLE IF EXISTS pbm_test_packed")
+    pg.execute("CREATE TABLE pbm_test_packed (" + ", ".join(f"c{i} {t}" for i, t in enumerate(types)) + ")")
+    try:
+        with pg.cursor() as cur, cur.copy("COPY pbm_test_packed FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(pgbinary.HEADER)
+            copy.write(pgbinary.rows(cols, types))
+            copy.write(pgbinary.TRAILER)
+        names = ", ".join(f"c{i}[0], c{i}[1]" if t == "point" else f"c{i}" for i, t in enumerate(types))
+        got = pg.execute(f"SELECT {names} FROM pbm_test_packed").fetchall()
+        want = [tuple(x for c in cols for x in ((c[i]["lon"].as_py(), c[i]["lat"].as_py())
+                                                if isinstance(c, pa.StructArray) else (c[i].as_py(),)))
+                for i in range(3)]
+        assert got == want
+    finally:
+        pg.execute("DROP TABLE pbm_test_packed")

@@ -71,11 +71,18 @@ class TableConverter:
         for pos, f in self.fields:
             conv[pos] = vector.convert_column(b.column(f"c{pos}"), f, self.has_secrets)
             bad |= conv[pos].bad
-        good = pa.array(np.flatnonzero(~bad))
-        cols = [conv[c.position].values.take(good) for c in self.table.columns]
-        canons = {i: conv[c.position].canon.take(good) for i, c in enumerate(self.table.columns)
+        if bad.any():
+            good = pa.array(np.flatnonzero(~bad))
+
+            def keep(a: pa.Array) -> pa.Array:
+                return a.take(good)
+        else:  # the common case: no copy of every column
+            def keep(a: pa.Array) -> pa.Array:
+                return a
+        cols = [keep(conv[c.position].values) for c in self.table.columns]
+        canons = {i: keep(conv[c.position].canon) for i, c in enumerate(self.table.columns)
                   if conv[c.position].canon is not None}
-        juncs = [(conv[j.position].values.take(good), conv[j.position].canon.take(good)) for j in self.table.junctions]
+        juncs = [(keep(conv[j.position].values), keep(conv[j.position].canon)) for j in self.table.junctions]
         part = Part(cols, canons, juncs, read=b.num_rows)
         redo = np.flatnonzero(bad)
         part.per_row = len(redo)

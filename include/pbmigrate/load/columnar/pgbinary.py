@@ -3,7 +3,8 @@
 Every field is encoded column by column as one Arrow binary array (a big-endian length, then the
 value's bytes); `binary_join_element_wise` concatenates a row's fields, and the joined array's data
 buffer is the COPY stream. Fixed-width values (bigint, float8, bool, timestamptz, point) are
-packed with numpy record dtypes; text[] items are length-prefixed and joined per list.
+packed with numpy record dtypes, a run of adjacent ones (without NULLs) and the row's field count
+in one record; text[] items are length-prefixed and joined per list.
 """
 
 from __future__ import annotations
@@ -131,14 +132,50 @@ def encode_column(arr: pa.Array, pg_type: str) -> pa.Array:
     return fixed(arr, pg_type)
 
 
+_FIXED = {"bigint": (">i8", 8), "integer": (">i4", 4), "double precision": (">f8", 8), "boolean": ("u1", 1),
+          "timestamptz": (">i8", 8)}
+
+
+def _fixed_values(arr: pa.Array, pg_type: str) -> np.ndarray:
+    if pg_type == "timestamptz":
+        return arr.cast(pa.int64()).to_numpy(zero_copy_only=False) - PG_EPOCH_US
+    values = arr.to_numpy(zero_copy_only=False)
+    return values.astype(np.uint8) if pg_type == "boolean" else values
+
+
+def _run(n: int, parts: list[tuple[str, np.ndarray | int]]) -> pa.Array:
+    """Adjacent fixed-width fields (and the row's field count) packed by one numpy record array:
+    one Arrow column for the run instead of one per field to join."""
+    rec = np.empty(n, dtype=[(f"f{i}", code) for i, (code, _) in enumerate(parts)])
+    for i, (_, value) in enumerate(parts):
+        rec[f"f{i}"] = value
+    return _fixed(n, rec.dtype.itemsize, rec.tobytes())
+
+
 def rows(columns: list[pa.Array], pg_types: list[str]) -> pa.Buffer | bytes:
     """The COPY rows (no header, no trailer) for equally long columns."""
     n = len(columns[0]) if columns else 0
     if n == 0:
         return b""
-    count = _fixed(n, 2, struct.pack(">h", len(columns)) * n)
-    fields = [encode_column(a, t) for a, t in zip(columns, pg_types)]
-    joined = pc.binary_join_element_wise(count, *fields, b"")
+    fields: list[pa.Array] = []
+    run: list[tuple[str, np.ndarray | int]] = [(">i2", len(columns))]
+    for arr, t in zip(columns, pg_types):
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if t in _FIXED and arr.null_count == 0:
+            code, size = _FIXED[t]
+            run += [(">i4", size), (code, _fixed_values(arr, t))]
+        elif t == "point":  # never NULL
+            run += [(">i4", 16), (">f8", arr.field("lon").to_numpy(zero_copy_only=False)),
+                    (">f8", arr.field("lat").to_numpy(zero_copy_only=False))]
+        else:
+            if run:
+                fields.append(_run(n, run))
+                run = []
+            fields.append(encode_column(arr, t))
+    if run:
+        fields.append(_run(n, run))
+    joined = pc.binary_join_element_wise(*fields, b"") if len(fields) > 1 else fields[0]
     if isinstance(joined, pa.ChunkedArray):
         joined = joined.combine_chunks()
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset:joined.offset + n + 1]
