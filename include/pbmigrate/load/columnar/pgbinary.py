@@ -59,38 +59,46 @@ def jsonb(arr: pa.Array) -> pa.Array:
     return _with_nulls(field, pc.is_valid(arr))
 
 
-def _packed(values: np.ndarray, code: str, size: int) -> pa.Array:
-    rec = np.empty(len(values), dtype=[("n", ">i4"), ("v", code)])
-    rec["n"] = size
-    rec["v"] = values
-    return _fixed(len(values), 4 + size, rec.tobytes())
+# The wire type and size of each fixed-width type's value (after its 4-byte length).
+_FIXED = {"bigint": (">i8", 8), "integer": (">i4", 4), "double precision": (">f8", 8), "boolean": ("u1", 1),
+          "timestamptz": (">i8", 8)}
+
+
+def _record(n: int, parts: list[tuple[str, np.ndarray | int]]) -> pa.Array:
+    """Adjacent fixed-width parts (lengths, values, a row's field count), packed by one numpy
+    record array: one Arrow column for all of them instead of one per part to join."""
+    rec = np.empty(n, dtype=[(f"f{i}", code) for i, (code, _) in enumerate(parts)])
+    for i, (_, value) in enumerate(parts):
+        rec[f"f{i}"] = value
+    return _fixed(n, rec.dtype.itemsize, rec.tobytes())
+
+
+def _fixed_parts(arr: pa.Array, pg_type: str) -> list[tuple[str, np.ndarray | int]]:
+    """A fixed-width field's length and value(s) for `_record`; a NULL is packed as zero (and then
+    replaced by the length -1)."""
+    if pg_type == "point":
+        return [(">i4", 16), (">f8", arr.field("lon").to_numpy(zero_copy_only=False)),
+                (">f8", arr.field("lat").to_numpy(zero_copy_only=False))]
+    code, size = _FIXED[pg_type]
+    if pg_type == "timestamptz":
+        arr = arr.cast(pa.int64())
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar(False if pg_type == "boolean" else 0, arr.type))
+    values = arr.to_numpy(zero_copy_only=False)
+    if pg_type == "timestamptz":
+        values = values - PG_EPOCH_US
+    return [(">i4", size), (code, values.astype(np.uint8) if pg_type == "boolean" else values)]
 
 
 def fixed(arr: pa.Array, pg_type: str) -> pa.Array:
-    valid = pc.is_valid(arr)
-    if pg_type == "bigint":
-        field = _packed(arr.fill_null(0).to_numpy(zero_copy_only=False), ">i8", 8)
-    elif pg_type == "integer":
-        field = _packed(arr.fill_null(0).to_numpy(zero_copy_only=False), ">i4", 4)
-    elif pg_type == "double precision":
-        field = _packed(arr.fill_null(0.0).to_numpy(zero_copy_only=False), ">f8", 8)
-    elif pg_type == "boolean":
-        field = _packed(arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8), "u1", 1)
-    elif pg_type == "timestamptz":
-        us = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
-        field = _packed(us - PG_EPOCH_US, ">i8", 8)
-    else:
+    if pg_type not in _FIXED:
         raise ValueError(pg_type)
-    return _with_nulls(field, valid)
+    return _with_nulls(_record(len(arr), _fixed_parts(arr, pg_type)), pc.is_valid(arr))
 
 
 def point(arr: pa.StructArray) -> pa.Array:
     """point from a struct<lon, lat> (never NULL: geoPoints default to the origin)."""
-    rec = np.empty(len(arr), dtype=[("n", ">i4"), ("x", ">f8"), ("y", ">f8")])
-    rec["n"] = 16
-    rec["x"] = arr.field("lon").to_numpy(zero_copy_only=False)
-    rec["y"] = arr.field("lat").to_numpy(zero_copy_only=False)
-    return _fixed(len(arr), 20, rec.tobytes())
+    return _record(len(arr), _fixed_parts(arr, "point"))
 
 
 def text_array(arr: pa.ListArray) -> pa.Array:
@@ -132,26 +140,6 @@ def encode_column(arr: pa.Array, pg_type: str) -> pa.Array:
     return fixed(arr, pg_type)
 
 
-_FIXED = {"bigint": (">i8", 8), "integer": (">i4", 4), "double precision": (">f8", 8), "boolean": ("u1", 1),
-          "timestamptz": (">i8", 8)}
-
-
-def _fixed_values(arr: pa.Array, pg_type: str) -> np.ndarray:
-    if pg_type == "timestamptz":
-        return arr.cast(pa.int64()).to_numpy(zero_copy_only=False) - PG_EPOCH_US
-    values = arr.to_numpy(zero_copy_only=False)
-    return values.astype(np.uint8) if pg_type == "boolean" else values
-
-
-def _run(n: int, parts: list[tuple[str, np.ndarray | int]]) -> pa.Array:
-    """Adjacent fixed-width fields (and the row's field count) packed by one numpy record array:
-    one Arrow column for the run instead of one per field to join."""
-    rec = np.empty(n, dtype=[(f"f{i}", code) for i, (code, _) in enumerate(parts)])
-    for i, (_, value) in enumerate(parts):
-        rec[f"f{i}"] = value
-    return _fixed(n, rec.dtype.itemsize, rec.tobytes())
-
-
 def rows(columns: list[pa.Array], pg_types: list[str]) -> pa.Buffer | bytes:
     """The COPY rows (no header, no trailer) for equally long columns."""
     n = len(columns[0]) if columns else 0
@@ -162,19 +150,15 @@ def rows(columns: list[pa.Array], pg_types: list[str]) -> pa.Buffer | bytes:
     for arr, t in zip(columns, pg_types):
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
-        if t in _FIXED and arr.null_count == 0:
-            code, size = _FIXED[t]
-            run += [(">i4", size), (code, _fixed_values(arr, t))]
-        elif t == "point":  # never NULL
-            run += [(">i4", 16), (">f8", arr.field("lon").to_numpy(zero_copy_only=False)),
-                    (">f8", arr.field("lat").to_numpy(zero_copy_only=False))]
+        if t == "point" or (t in _FIXED and arr.null_count == 0):  # a point is never NULL
+            run += _fixed_parts(arr, t)
         else:
             if run:
-                fields.append(_run(n, run))
+                fields.append(_record(n, run))
                 run = []
             fields.append(encode_column(arr, t))
     if run:
-        fields.append(_run(n, run))
+        fields.append(_record(n, run))
     joined = pc.binary_join_element_wise(*fields, b"") if len(fields) > 1 else fields[0]
     if isinstance(joined, pa.ChunkedArray):
         joined = joined.combine_chunks()

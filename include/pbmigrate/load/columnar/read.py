@@ -98,13 +98,13 @@ def _sql_expr(col: str, cls: str) -> str:
     return f"{t} WHEN 'text' THEN {col} WHEN 'integer' THEN CAST({col} AS TEXT) WHEN 'null' THEN '' {odd}"
 
 
-def _odd(batch: pa.RecordBatch, classes: list[str]) -> pa.Array:
+def _odd(columns: list[pa.Array], classes: list[str], n: int) -> pa.Array:
     """Rows where some column holds its sentinel (a value of an unusual class)."""
     odd = None
-    for col, cls in zip(batch.columns, classes):
+    for col, cls in zip(columns, classes):
         hit = pc.equal(col, pa.scalar(SENTINEL[cls], col.type))
         odd = hit if odd is None else pc.or_(odd, hit)
-    return odd.fill_null(False) if odd is not None else pa.array([False] * batch.num_rows, pa.bool_())
+    return odd.fill_null(False) if odd is not None else pa.array([False] * n, pa.bool_())
 
 
 def sqlite_chunks(source: SqliteSource, table: Table, lo: str | None, hi: str | None,
@@ -156,8 +156,7 @@ def _typed(rb: pa.RecordBatch, table: Table) -> pa.RecordBatch:
         arrays.append(a if a.type == want else a.cast(want))
         names.append(f"c{pos}")
         classes.append(cls)
-    return pa.RecordBatch.from_arrays([*arrays, _odd(pa.RecordBatch.from_arrays(arrays, names), classes)],
-                                      [*names, "odd"])
+    return pa.RecordBatch.from_arrays([*arrays, _odd(arrays, classes, rb.num_rows)], [*names, "odd"])
 
 
 def _fits(v: object, cls: str) -> tuple[bool, object]:
