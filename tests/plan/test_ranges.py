@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pbmigrate.source import IdRange
+from pbmigrate.source import plan_ranges, split_ids
 from pbmigrate.source.sqlite import SqliteSource, id_range_where, qi
 
 # Ids a PocketBase import can hold besides its 15 [a-z0-9]: mixed case and lengths, punctuation,
 # non-ASCII (byte order, as PostgreSQL's COLLATE "C"), prefixes of one another.
 ODD_IDS = ["A", "Z", "a", "aa", "aaa", "a-b", "a_b", "a.b", "0", "00", "09", "9", "~tilde", " space",
            "ümlaut", "日本", "x" * 40, "xy", "AbC", "abc", "ab", "b", "é", "e", "E", "zzz", "z"]
-
-
-def _streamed(src: SqliteSource, coll, batch_size: int) -> list[IdRange]:
-    """The split as it was before the keyset: every id streamed once, cut every batch_size."""
-    out, ids = [], list(src.ids(coll))
-    for i in range(0, len(ids), batch_size):
-        part = ids[i:i + batch_size]
-        out.append(IdRange(part[0], part[-1], len(part)))
-    return out
 
 
 @pytest.fixture
@@ -39,8 +30,8 @@ def test_keyset_ranges_equal_the_streamed_split_and_cover_every_row_once(odd, ba
     src = SqliteSource(odd)
     try:
         coll = src.catalog().get("demo1")
-        planned = src.plan_ranges(coll, batch_size)
-        assert planned == _streamed(src, coll, batch_size)
+        planned = plan_ranges(src, coll, batch_size)  # SqliteSource's keyset
+        assert planned == split_ids(src.ids(coll), batch_size)  # every id streamed once, as other sources do
         total = src.count(coll)
         assert total == 3 + len(ODD_IDS) and sum(r.rows for r in planned) == total
         seen: list[str] = []
@@ -61,6 +52,6 @@ def test_an_empty_collection_has_no_ranges(fixture_022):
         raw.execute("DELETE FROM demo1")
     src = SqliteSource(fixture_022)
     try:
-        assert src.plan_ranges(src.catalog().get("demo1"), 5) == []
+        assert plan_ranges(src, src.catalog().get("demo1"), 5) == []
     finally:
         src.close()

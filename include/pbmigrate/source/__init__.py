@@ -66,10 +66,15 @@ def plan_ranges(source: Source, coll: Collection, batch_size: int) -> list[IdRan
     keyset = getattr(source, "plan_ranges", None)
     if keyset is not None:
         return keyset(coll, batch_size)
+    return split_ids(source.ids(coll), batch_size)
+
+
+def split_ids(ids: Iterable[str], batch_size: int) -> list[IdRange]:
+    """Ids in id order cut every `batch_size`, streamed once: inclusive ranges with their counts."""
     ranges: list[IdRange] = []
     lo = last = None
     n = 0
-    for rid in source.ids(coll):
+    for rid in ids:
         if lo is None:
             lo = rid
         last = rid
