@@ -19,10 +19,13 @@ import collections
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_profile import backend_cpu  # the same /proc stat reading, for any pid
+
 KINDS = (("api_server", "api-server"), ("scheduler", "scheduler"), ("dag-processor", "dag-processor"),
          ("triggerer", "triggerer"), ("pgloader", "pgloader"), ("LocalExecutor", "executor"))
 
@@ -35,11 +38,11 @@ def record(path: Path, interval: float) -> None:
                 if not pid.isdigit():
                     continue
                 try:
-                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    cpu = backend_cpu(int(pid))
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                procs[pid] = [cmd[:160], (int(fields[11]) + int(fields[12])) / TICK]
+                procs[pid] = [cmd[:160], cpu]
             out.write(json.dumps({"t": time.time(), "p": procs}) + "\n")
             out.flush()
             time.sleep(interval)
