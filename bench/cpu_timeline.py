@@ -70,9 +70,9 @@ def report(path: Path, bucket: float) -> None:
             continue
         for pid, (_, cpu) in cur["p"].items():
             if pid in prev["p"]:
-                used = cpu - prev["p"][pid][1]
-                totals[kind(names.get(pid, ""))] += used
-                timeline[int((cur["t"] - t0) // bucket)][kind(names.get(pid, ""))] += used
+                used, name = cpu - prev["p"][pid][1], kind(names.get(pid, ""))
+                totals[name] += used
+                timeline[int((cur["t"] - t0) // bucket)][name] += used
     print(f"task window {t1 - t0:.1f} s: {sum(totals.values()):.1f} core-s used of "
           f"{os.cpu_count() * (t1 - t0):.1f}")
     for name, used in totals.most_common():
