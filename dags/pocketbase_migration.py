@@ -2,17 +2,19 @@
 ### PocketBase -> PostgreSQL + Redis: full migration
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
-snapshot of the source; the pre-migration assessment runs beside finalize: the load's own pass
-found the bad values), **schema** (typed tables in the staging schema), **data** (batches planned beside the
-schema, one load task per slot sharing the id ranges, then keys, indexes and foreign keys), **files**
-(the uploads behind every file field, one mapped task per id range, into the `pbm_files` store), **cache**
-(warm Redis from the migrated tables: public profiles, leaderboards, games in progress),
-**validate** (one GX checkpoint per table, per-batch checksums, then the gate), the optional
-**loadtest** (param `loadtest`: the game service on the staging schema against PocketBase on the
-source snapshot, recorded in `pbm_meta.loadtests`; with `loadtest_gate` a miss refuses promotion), and the branch:
+snapshot of the source; the pre-migration assessment runs after the files, beside the checks:
+the load's own pass found the bad values), **schema** (typed tables in the staging
+schema), **data** (batches planned beside the schema, one load task per slot sharing the id
+ranges, then keys, indexes and foreign keys), **files** (the uploads behind every file field, one
+mapped task per id range, into the `pbm_files` store), **validate** (one GX checkpoint per table,
+per-batch checksums, then the gate, which branches), **cache** (warm Redis from the migrated
+tables: public profiles, leaderboards, games in progress), the optional **loadtest** (param
+`loadtest`: the game service on the staging schema against PocketBase on the source snapshot,
+recorded in `pbm_meta.loadtests`; with `loadtest_gate` a miss refuses promotion), and the end:
 **cut over** (backups, schema swap, feature flag), **hold** (`cutover=manual`: validated, waiting
 for the pocketbase_cutover DAG) or **roll back** (staging dropped; the run ends failed).
-The reconciliation report ends the log of whichever of the three ran.
+The reconciliation report ends the log of whichever of the three ran. `mode=final` skips the
+snapshot and everything up to the checks (`final_sync` runs instead); `mode=full` skips `final_sync`.
 
 Every task is one call into `pbmigrate`; the DAG only wires them. Re-triggering a failed run
 resumes it: batches already in the ledger (`pbm_meta.batches`) are skipped.
@@ -23,6 +25,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowSkipException
 
 from pbm_airflow import (
     default_args,
@@ -35,6 +38,16 @@ from pbm_airflow import (
     redis_url,
     source_params,
 )
+
+
+def migration_run() -> dict:
+    """The run the checks, the gate and every task after it work on: the fresh load's, or the final
+    re-sync's (with its snapshot). Each pulls it itself: a task that only passed it on cost its
+    start-up on the critical path. Only the branch that ran is pulled: pulling the skipped one's
+    XCom would log an error-level "XCom not found" for a skip that is by design."""
+    ctx = get_current_context()
+    ran = "final_sync" if ctx["params"]["mode"] == "final" else "prepare.snapshot"
+    return ctx["ti"].xcom_pull(task_ids=ran)
 
 
 @dag(
@@ -67,14 +80,16 @@ from pbm_airflow import (
 )
 def pocketbase_migration():
     @task_group(group_id="prepare")
-    def prepare(mode):
+    def prepare():
         @task
         @fail_fast
         def snapshot() -> dict:
-            from pbmigrate import tasks
-
             ctx = get_current_context()
             p = ctx["params"]
+            if p["mode"] == "final":
+                raise AirflowSkipException("mode=final: no fresh snapshot and load, the final re-sync runs")
+            from pbmigrate import tasks
+
             params = tasks.run_params(
                 source_path=param_text(p, "source_path"), target_schema=p["target_schema"],
                 mapping=param_text(p, "mapping"), batch_size=p["batch_size"], collections=p["collections"] or [],
@@ -83,7 +98,10 @@ def pocketbase_migration():
             return tasks.prepare(params=params, pg_url=postgres_url(), dag_run_id=ctx["run_id"],
                                     api=pocketbase_api())
 
-        @task
+        # After the files (wired below), beside the checks: never on the critical path, so it takes
+        # the slot the last files task frees (held up to [workers] min_heartbeat_interval after it
+        # ends) and the checks the free one. It also runs when there are no files to copy.
+        @task(trigger_rule="none_failed_min_one_success", weight_rule="absolute", priority_weight=1)
         @fail_fast
         def assess(run: dict) -> dict:
             from pbmigrate import tasks
@@ -91,7 +109,6 @@ def pocketbase_migration():
             return tasks.assess(run, postgres_url(), api=pocketbase_api())
 
         snap = snapshot()
-        mode >> snap  # mode=final skips the fresh snapshot and load
         return snap, assess(snap)  # after the load (wired below): it reads the load's rejects
 
     @task_group(group_id="schema")
@@ -134,7 +151,7 @@ def pocketbase_migration():
         tables >> loaded
         done = finalize(run)
         loaded >> done
-        return loaded, done
+        return done
 
     @task_group(group_id="files")
     def files(run: dict, finalized: dict):
@@ -159,23 +176,18 @@ def pocketbase_migration():
         return copy.partial(run=run).expand(batch=batches)
 
     @task_group(group_id="cache")
-    def cache(run: dict):
+    def cache():
         @task(map_index_template="{{ section }}")
         @fail_fast
-        def warm(run: dict, section: str) -> dict:
+        def warm(section: str) -> dict:
             from pbmigrate import tasks
 
             get_current_context()["section"] = section
-            return tasks.warm(run, section, pg_url=postgres_url(), redis_url=redis_url())
+            return tasks.warm(migration_run(), section, pg_url=postgres_url(), redis_url=redis_url())
 
-        return warm.partial(run=run).expand(section=["profiles", "leaderboards", "game_state"])
+        return warm.expand(section=["profiles", "leaderboards", "game_state"])
 
-    @task.branch
-    @fail_fast
-    def choose_mode() -> str:
-        return "final_sync" if get_current_context()["params"]["mode"] == "final" else "prepare.snapshot"
-
-    @task
+    @task(trigger_rule="all_skipped")  # after the snapshot skipped itself (mode=final); mode=full never starts it
     @fail_fast
     def final_sync() -> dict:
         from pbmigrate import tasks
@@ -189,98 +201,89 @@ def pocketbase_migration():
             api=pocketbase_api(), files=files_store(),
         )
 
-    @task(trigger_rule="none_failed_min_one_success")
-    @fail_fast
-    def loaded_run() -> dict:
-        """The run the gates check: the fresh load's, or the final re-sync's (with its snapshot).
-
-        It pulls from the branch that ran only: pulling the skipped one's XCom would log an
-        error-level "XCom not found" for a skip that is by design."""
-        ctx = get_current_context()
-        ran = "final_sync" if ctx["params"]["mode"] == "final" else "prepare.snapshot"
-        return ctx["ti"].xcom_pull(task_ids=ran)
-
     @task_group(group_id="validate")
-    def validate(run: dict):
-        @task
+    def validate():
+        @task(trigger_rule="none_failed_min_one_success")  # after the fresh load's files or the final re-sync
         @fail_fast
-        def checks(run: dict) -> dict:
+        def checks() -> dict:
             from pbmigrate import tasks
 
-            return tasks.validate(run, postgres_url(), api=pocketbase_api(), files=files_store())
+            return tasks.validate(migration_run(), postgres_url(), api=pocketbase_api(), files=files_store())
 
-        @task
+        @task.branch(trigger_rule="none_failed_min_one_success")  # the assessment is skipped in mode=final
         @fail_fast
-        def gate(run: dict) -> dict:
+        def gate() -> str | list[str]:
+            """Record the verdict, then follow it: a passed gate warms the cache (a failed warm-up then
+            blocks promotion) and, with param loadtest, load-tests the staging schema beside it (on
+            a private Redis: the warm-up is not its business); a refused one rolls back. The gate
+            is the branch itself: each task costs its start-up on the run's critical path."""
             from pbmigrate import tasks
 
-            return tasks.gate(run, postgres_url(), get_current_context()["params"]["max_reject_ratio"])
+            ctx = get_current_context()
+            p = ctx["params"]
+            verdict = tasks.gate(migration_run(), postgres_url(), p["max_reject_ratio"])
+            ctx["ti"].xcom_push(key="verdict", value=verdict)
+            return tasks.follow(verdict, ["cache.warm", *(["loadtest"] if p["loadtest"] else [])])
 
-        summary = checks(run)
-        verdict = gate(run)
-        summary >> verdict
-        return verdict
-
-    @task.branch
-    @fail_fast
-    def decide(verdict: dict) -> str:
-        """A passed gate warms the cache (a failed warm-up then blocks promotion); a refused one rolls back."""
-        from pbmigrate import tasks
-
-        return tasks.decide(verdict, "auto", cut_over="cache.warm")
+        return checks(), gate()
 
     @task
     @fail_fast
-    def loadtest(run: dict) -> dict:
+    def loadtest() -> dict:
         """Param loadtest: a short load test of the staging schema, recorded; with loadtest_gate a miss fails here."""
         from pbmigrate import tasks
 
         ctx = get_current_context()
         p = ctx["params"]
-        return tasks.loadtest(run, postgres_url(), p, param_text(p, "loadtest_mix"), dag_run_id=ctx["run_id"])
+        return tasks.loadtest(migration_run(), postgres_url(), p, param_text(p, "loadtest_mix"),
+                              dag_run_id=ctx["run_id"])
 
-    @task.branch
+    def unless_picked(end: str) -> None:
+        """cut_over and hold both start after the warm-up (and the load test); the one param cutover
+        does not pick skips at once, beside the other, instead of a branch task before them both."""
+        picked = "cut_over" if get_current_context()["params"]["cutover"] == "auto" else "hold"
+        if picked != end:
+            raise AirflowSkipException(f"param cutover picks {picked}")
+
+    @task(trigger_rule="none_failed_min_one_success")  # the load test is skipped when param loadtest is off
     @fail_fast
-    def promote(verdict: dict) -> str:
-        """cutover=auto: cut over now; manual: hold, validated and warm, for the pocketbase_cutover DAG."""
+    def cut_over() -> dict:
+        """cutover=auto: backups, schema swap, feature flag."""
         from pbmigrate import tasks
 
-        return tasks.decide(verdict, get_current_context()["params"]["cutover"])
+        unless_picked("cut_over")
+        return tasks.cut_over(migration_run(), postgres_url(), redis_url())
 
-    @task
+    @task(trigger_rule="none_failed_min_one_success")
     @fail_fast
-    def cut_over(run: dict) -> dict:
+    def hold() -> dict:
+        """cutover=manual: validated and warm, waiting for the pocketbase_cutover DAG."""
         from pbmigrate import tasks
 
-        return tasks.cut_over(run, postgres_url(), redis_url())
-
-    @task
-    @fail_fast
-    def hold(run: dict) -> dict:
-        from pbmigrate import tasks
-
-        return tasks.hold(run, postgres_url())
+        unless_picked("hold")
+        return tasks.hold(migration_run(), postgres_url())
 
     @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
     @fail_fast
-    def roll_back(run: dict, verdict: dict) -> None:
+    def roll_back() -> None:
         from pbmigrate import tasks
 
-        tasks.roll_back(run, postgres_url(), redis_url(), verdict)
+        verdict = get_current_context()["ti"].xcom_pull(task_ids="validate.gate", key="verdict")
+        tasks.roll_back(migration_run(), postgres_url(), redis_url(), verdict)
 
-    mode = choose_mode()
-    run, assessed = prepare(mode)
-    batches_loaded, done = data(run, schema(run))
-    batches_loaded >> assessed  # beside finalize, not in a slot the load needs
-    copied = files(run, done)
+    run, assessed = prepare()
     final = final_sync()
-    mode >> final
-    loaded = loaded_run()
-    [assessed, done, copied, final] >> loaded
-    verdict = validate(loaded)
-    choice = decide(verdict)
-    choice >> cache(loaded) >> loadtest(loaded) >> promote(verdict) >> [cut_over(loaded), hold(loaded)]
-    choice >> roll_back(loaded, verdict)
+    run >> final
+    done = data(run, schema(run))
+    copied = files(run, done)
+    [done, copied] >> assessed  # not in a slot the load needs, nor beside finalize's index builds
+    checked, choice = validate()
+    [done, copied, final] >> checked
+    [checked, assessed] >> choice
+    warmed, tested = cache(), loadtest()
+    choice >> [warmed, tested, roll_back()]
+    [warmed, tested] >> cut_over()
+    [warmed, tested] >> hold()
 
 
 pocketbase_migration()

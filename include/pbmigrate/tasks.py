@@ -29,6 +29,8 @@ from pbmigrate.errors import ParamError
 from pbmigrate.errors import TargetCutOver as TargetCutOver  # the re-sync DAG skips on it: cut over, not failed
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pbmigrate.plan.mapping import Mapping
     from pbmigrate.plan.model import Plan
 
@@ -327,6 +329,13 @@ def decide(verdict: dict, mode: str = "auto", **branches: str) -> str:
     from pbmigrate.cutover import promote
 
     return promote.decide(verdict, mode, **branches)
+
+
+def follow(verdict: dict, then: Sequence[str]) -> str | list[str]:
+    """The task ids the gate's branch follows: `then`, or roll back."""
+    from pbmigrate.cutover import promote
+
+    return promote.follow(verdict, then)
 
 
 def cut_over(run: dict, pg_url: str, redis_url: str) -> dict:

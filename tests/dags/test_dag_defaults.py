@@ -74,3 +74,26 @@ def test_resync_without_conf_uses_the_migrations_params_and_skips_after_cut_over
                      "VALUES (%s, %s, 'cutover', 'postgres')", (run_id, TARGET))
     after = run_dag("pocketbase_resync", {}, pg_url=fresh_pg_url)
     assert after.state == "success" and _ti_state(after, "resync") == "skipped"
+
+
+def test_mode_final_skips_the_fresh_load_resyncs_and_gates_the_held_run(
+        run_dag, fresh_pg_url: str, fixture_022: Path) -> None:
+    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "fin", "cutover": "manual"}
+    first = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url)
+    assert first.state == "success" and _ti_state(first, "final_sync") == "skipped"
+    with sqlite3.connect(fixture_022 / "data.db") as raw:  # the last write before PocketBase froze
+        raw.execute("UPDATE demo1 SET text = 'the last write', updated = '2099-01-01 00:00:00.000Z' "
+                    "WHERE id = '84nmscqy84lsi1t'")
+
+    dr = run_dag("pocketbase_migration", {**conf, "mode": "final"}, pg_url=fresh_pg_url)
+    assert dr.state == "success"
+    states = {t: _ti_state(dr, t) for t in ("prepare.snapshot", "prepare.assess", "schema.create_tables",
+                                            "data.finalize", "final_sync", "validate.checks", "validate.gate",
+                                            "cut_over", "hold", "roll_back")}
+    assert states == {"prepare.snapshot": "skipped", "prepare.assess": "skipped", "schema.create_tables": "skipped",
+                      "data.finalize": "skipped", "final_sync": "success", "validate.checks": "success",
+                      "validate.gate": "success", "cut_over": "skipped", "hold": "success",
+                      "roll_back": "skipped"}, states
+    with psycopg.connect(fresh_pg_url) as conn:
+        assert conn.execute("SELECT text FROM fin_staging.demo1 WHERE id = '84nmscqy84lsi1t'").fetchone() == (
+            "the last write",)

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -124,6 +125,12 @@ def decide(verdict: dict, mode: str = "auto", *, cut_over: str = "cut_over", hol
     if not verdict["promote"]:
         return roll_back
     return cut_over if mode == "auto" else hold
+
+
+def follow(verdict: dict, then: Sequence[str], roll_back: str = "roll_back") -> str | list[str]:
+    """The migration DAG's branch at the gate: `then` (the task ids of the cache warm-up and, when
+    param loadtest is on, the load test; cut over or hold come after them) or roll back."""
+    return list(then) if verdict["promote"] else roll_back
 
 
 # --------------------------------------------------------------------------- backups
