@@ -7,7 +7,7 @@ the load's own pass found the bad values), **schema** (typed tables in the stagi
 schema), **data** (batches planned beside the schema, one load task per slot sharing the id
 ranges, then keys, indexes and foreign keys), **files** (the uploads behind every file field, one
 mapped task per id range, into the `pbm_files` store), **validate** (one GX checkpoint per table,
-per-batch checksums, then the gate, which branches), **cache** (warm Redis from the migrated
+per-batch checksums, then the gate on them, which branches), **cache** (warm Redis from the migrated
 tables: public profiles, leaderboards, games in progress), the optional **loadtest** (param
 `loadtest`: the game service on the staging schema against PocketBase on the source snapshot,
 recorded in `pbm_meta.loadtests`; with `loadtest_gate` a miss refuses promotion), and the end:
@@ -177,7 +177,8 @@ def pocketbase_migration():
 
     @task_group(group_id="cache")
     def cache():
-        @task(map_index_template="{{ section }}")
+        # after a passed gate and the assessment, which mode=final skips
+        @task(map_index_template="{{ section }}", trigger_rule="none_failed_min_one_success")
         @fail_fast
         def warm(section: str) -> dict:
             from pbmigrate import tasks
@@ -203,29 +204,26 @@ def pocketbase_migration():
 
     @task_group(group_id="validate")
     def validate():
-        @task(trigger_rule="none_failed_min_one_success")  # after the fresh load's files or the final re-sync
+        @task.branch(trigger_rule="none_failed_min_one_success")  # after the fresh load's files or the final re-sync
         @fail_fast
-        def checks() -> dict:
-            from pbmigrate import tasks
-
-            return tasks.validate(migration_run(), postgres_url(), api=pocketbase_api(), files=files_store())
-
-        @task.branch(trigger_rule="none_failed_min_one_success")  # the assessment is skipped in mode=final
-        @fail_fast
-        def gate() -> str | list[str]:
-            """Record the verdict, then follow it: a passed gate warms the cache (a failed warm-up then
-            blocks promotion) and, with param loadtest, load-tests the staging schema beside it (on
-            a private Redis: the warm-up is not its business); a refused one rolls back. The gate
-            is the branch itself: each task costs its start-up on the run's critical path."""
+        def checks() -> str | list[str]:
+            """Every check recorded, then the gate's verdict on them, which it follows: a passed gate
+            warms the cache (a failed warm-up then blocks promotion) and, with param loadtest,
+            load-tests the staging schema beside it (on a private Redis: the warm-up is not its
+            business); a refused one rolls back. The checks, the gate and the branch are one task:
+            each task costs its start-up on the run's critical path."""
             from pbmigrate import tasks
 
             ctx = get_current_context()
             p = ctx["params"]
-            verdict = tasks.gate(migration_run(), postgres_url(), p["max_reject_ratio"])
+            run = migration_run()
+            ctx["ti"].xcom_push(key="summary", value=tasks.validate(run, postgres_url(), api=pocketbase_api(),
+                                                                    files=files_store()))
+            verdict = tasks.gate(run, postgres_url(), p["max_reject_ratio"])
             ctx["ti"].xcom_push(key="verdict", value=verdict)
             return tasks.follow(verdict, ["cache.warm", *(["loadtest"] if p["loadtest"] else [])])
 
-        return checks(), gate()
+        return checks()
 
     @task
     @fail_fast
@@ -268,7 +266,7 @@ def pocketbase_migration():
     def roll_back() -> None:
         from pbmigrate import tasks
 
-        verdict = get_current_context()["ti"].xcom_pull(task_ids="validate.gate", key="verdict")
+        verdict = get_current_context()["ti"].xcom_pull(task_ids="validate.checks", key="verdict")
         tasks.roll_back(migration_run(), postgres_url(), redis_url(), verdict)
 
     run, assessed = prepare()
@@ -277,11 +275,11 @@ def pocketbase_migration():
     done = data(run, schema(run))
     copied = files(run, done)
     [done, copied] >> assessed  # not in a slot the load needs, nor beside finalize's index builds
-    checked, choice = validate()
-    [done, copied, final] >> checked
-    [checked, assessed] >> choice
+    choice = validate()
+    [done, copied, final] >> choice
     warmed, tested = cache(), loadtest()
     choice >> [warmed, tested, roll_back()]
+    assessed >> warmed  # the assessment is recorded before anything is promoted
     [warmed, tested] >> cut_over()
     [warmed, tested] >> hold()
 

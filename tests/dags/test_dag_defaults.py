@@ -88,12 +88,11 @@ def test_mode_final_skips_the_fresh_load_resyncs_and_gates_the_held_run(
     dr = run_dag("pocketbase_migration", {**conf, "mode": "final"}, pg_url=fresh_pg_url)
     assert dr.state == "success"
     states = {t: _ti_state(dr, t) for t in ("prepare.snapshot", "prepare.assess", "schema.create_tables",
-                                            "data.finalize", "final_sync", "validate.checks", "validate.gate",
-                                            "cut_over", "hold", "roll_back")}
+                                            "data.finalize", "final_sync", "validate.checks", "cut_over", "hold",
+                                            "roll_back")}
     assert states == {"prepare.snapshot": "skipped", "prepare.assess": "skipped", "schema.create_tables": "skipped",
                       "data.finalize": "skipped", "final_sync": "success", "validate.checks": "success",
-                      "validate.gate": "success", "cut_over": "skipped", "hold": "success",
-                      "roll_back": "skipped"}, states
+                      "cut_over": "skipped", "hold": "success", "roll_back": "skipped"}, states
     with psycopg.connect(fresh_pg_url) as conn:
         assert conn.execute("SELECT text FROM fin_staging.demo1 WHERE id = '84nmscqy84lsi1t'").fetchone() == (
             "the last write",)
