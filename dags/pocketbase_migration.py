@@ -237,11 +237,16 @@ def pocketbase_migration():
                               dag_run_id=ctx["run_id"])
 
     def unless_picked(end: str) -> None:
-        """cut_over and hold both start after the warm-up (and the load test); the one param cutover
-        does not pick skips at once, beside the other, instead of a branch task before them both."""
-        picked = "cut_over" if get_current_context()["params"]["cutover"] == "auto" else "hold"
+        """cut_over and hold both start after the warm-up (and the load test); the one the verdict
+        and param cutover do not pick skips at once, beside the other, instead of a branch task
+        before them both."""
+        from pbmigrate import tasks
+
+        ctx = get_current_context()
+        verdict = ctx["ti"].xcom_pull(task_ids="validate.checks", key="verdict")
+        picked = tasks.decide(verdict, ctx["params"]["cutover"])
         if picked != end:
-            raise AirflowSkipException(f"param cutover picks {picked}")
+            raise AirflowSkipException(f"the gate and param cutover pick {picked}")
 
     @task(trigger_rule="none_failed_min_one_success")  # the load test is skipped when param loadtest is off
     @fail_fast

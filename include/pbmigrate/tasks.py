@@ -325,7 +325,7 @@ def gate(run: dict, pg_url: str, max_reject_ratio: float) -> dict:
 
 
 def decide(verdict: dict, mode: str = "auto", **branches: str) -> str:
-    """The task id the branch follows: cut over (or `cut_over=`), hold or roll back."""
+    """Which end of the migration DAG runs: cut over (or `cut_over=`), hold or roll back."""
     from pbmigrate.cutover import promote
 
     return promote.decide(verdict, mode, **branches)

@@ -96,3 +96,27 @@ def test_mode_final_skips_the_fresh_load_resyncs_and_gates_the_held_run(
     with psycopg.connect(fresh_pg_url) as conn:
         assert conn.execute("SELECT text FROM fin_staging.demo1 WHERE id = '84nmscqy84lsi1t'").fetchone() == (
             "the last write",)
+
+
+def test_a_refused_gate_rolls_back_and_skips_the_warm_up_and_both_ends(
+        run_dag, fresh_pg_url: str, fixture_022: Path) -> None:
+    with sqlite3.connect(fixture_022 / "data.db") as raw:  # one bad date: one reject, above a ratio of 0
+        raw.execute("UPDATE demo1 SET datetime = '2024-13-45 99:00:00Z' WHERE id = '84nmscqy84lsi1t'")
+    conf = {"source_path": str(fixture_022), "mapping": "", "target_schema": "refused", "cutover": "auto",
+            "max_reject_ratio": 0}
+    dr = run_dag("pocketbase_migration", conf, pg_url=fresh_pg_url)
+    assert dr.state == "failed"  # on purpose, by roll_back
+    states: dict[str, set[str]] = {}
+    for ti in dr.get_task_instances():
+        states.setdefault(ti.task_id, set()).add(str(ti.state))
+    assert {t: states[t] for t in ("validate.checks", "prepare.assess", "cache.warm", "loadtest", "cut_over", "hold",
+                                   "roll_back")} == {
+        "validate.checks": {"success"}, "prepare.assess": {"success"}, "cache.warm": {"skipped"},
+        "loadtest": {"skipped"}, "cut_over": {"skipped"}, "hold": {"skipped"}, "roll_back": {"failed"}}, states
+    with psycopg.connect(fresh_pg_url) as conn:
+        status = conn.execute("SELECT status FROM pbm_meta.runs WHERE target_schema = 'refused'").fetchone()
+        action, reason = conn.execute("SELECT action, reason FROM pbm_meta.cutovers WHERE target_schema = 'refused'"
+                                      ).fetchone()
+        staging = conn.execute("SELECT to_regnamespace('refused_staging')").fetchone()
+    assert status == ("rolled_back",) and staging == (None,)
+    assert action == "discard" and "max_reject_ratio" in reason  # the gate's own reason, from its XCom
