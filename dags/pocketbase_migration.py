@@ -50,6 +50,11 @@ def migration_run() -> dict:
     return ctx["ti"].xcom_pull(task_ids=ran)
 
 
+def gate_verdict() -> dict:
+    """The verdict `validate.checks` recorded with its branch (the ends and roll_back read it)."""
+    return get_current_context()["ti"].xcom_pull(task_ids="validate.checks", key="verdict")
+
+
 @dag(
     dag_id="pocketbase_migration",
     schedule=None,
@@ -242,9 +247,7 @@ def pocketbase_migration():
         before them both."""
         from pbmigrate import tasks
 
-        ctx = get_current_context()
-        verdict = ctx["ti"].xcom_pull(task_ids="validate.checks", key="verdict")
-        picked = tasks.decide(verdict, ctx["params"]["cutover"])
+        picked = tasks.decide(gate_verdict(), get_current_context()["params"]["cutover"])
         if picked != end:
             raise AirflowSkipException(f"the gate and param cutover pick {picked}")
 
@@ -271,8 +274,7 @@ def pocketbase_migration():
     def roll_back() -> None:
         from pbmigrate import tasks
 
-        verdict = get_current_context()["ti"].xcom_pull(task_ids="validate.checks", key="verdict")
-        tasks.roll_back(migration_run(), postgres_url(), redis_url(), verdict)
+        tasks.roll_back(migration_run(), postgres_url(), redis_url(), gate_verdict())
 
     run, assessed = prepare()
     final = final_sync()
