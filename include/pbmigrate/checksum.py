@@ -2,8 +2,8 @@
 
 The loader computes a batch's checksum in Python from the converted values it sends; validation
 computes it again inside PostgreSQL from what the tables hold. Both reduce every column to the
-same canonical text (floats as their IEEE-754 bits, timestamps as epoch microseconds, jsonb in
-PostgreSQL's own output form), join a row's columns with \\x1f, take the first 64 bits of md5 as a
+same canonical text (floats as their IEEE-754 bits, timestamps as the hex of their binary form,
+jsonb in PostgreSQL's own output form), join a row's columns with \\x1f, take the first 64 bits of md5 as a
 signed integer and add them up modulo 2**64. Addition makes the result independent of row order,
 so batches and retries can load in any order.
 """
@@ -26,9 +26,10 @@ from pbmigrate.pgsql import ql
 MOD = 2**64
 SEP = "\x1f"
 NULL = "\\N"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # timestamptz's binary form counts from here
 MICROSECOND = timedelta(microseconds=1)
 pack_float8 = struct.Struct(">d").pack
+pack_int8 = struct.Struct(">q").pack
 
 
 def _text(v: Any) -> str:
@@ -48,7 +49,8 @@ def _bool(v: Any) -> str:
 
 
 def _timestamptz(v: Any) -> str:
-    return NULL if v is None else str((v - EPOCH) // MICROSECOND)
+    """`timestamptz_send`'s bytes as hex: microseconds since 2000-01-01 UTC, a big-endian int64."""
+    return NULL if v is None else pack_int8((v - PG_EPOCH) // MICROSECOND).hex()
 
 
 def _text_array(v: Any) -> str:
@@ -99,16 +101,15 @@ PY_CANON: dict[str, Callable[[Any], str]] = {
 }
 
 _NULLSAFE = "coalesce({e}, '\\N')"
-# Epoch microseconds from timestamptz's binary form (microseconds since 2000-01-01 as a signed
-# int64), not extract(epoch ...) * 1e6: that computes in numeric and cost the checksums ~10 %
-# of their time on the 2M sample; both give the same integer.
-_EPOCH_US = "(('x' || encode(timestamptz_send({c}), 'hex'))::bit(64)::bigint + 946684800000000)"
+# A timestamptz as the hex of its binary form, not as epoch microseconds in decimal: reading the
+# integer back out of those bytes (or extract(epoch ...), in numeric) cost 12-20 % of the checksums
+# of a table with three timestamps on the 2M sample.
 SQL_CANON: dict[str, str] = {
     "text": _NULLSAFE.format(e="{c}"),
     "bigint": "{c}::text",
     "double precision": "encode(float8send({c}), 'hex')",
     "boolean": "CASE WHEN {c} THEN 't' ELSE 'f' END",
-    "timestamptz": _NULLSAFE.format(e=_EPOCH_US + "::text"),
+    "timestamptz": _NULLSAFE.format(e="encode(timestamptz_send({c}), 'hex')"),
     "text[]": "array_to_json({c})::text",
     "jsonb": _NULLSAFE.format(e="{c}::text"),
     "point": "encode(float8send({c}[0]), 'hex') || encode(float8send({c}[1]), 'hex')",

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pbmigrate import checksum
+from pbmigrate.load.columnar.pgbinary import PG_EPOCH_US
 from pbmigrate.load.columnar.vector import duck
 
 NULL = pa.scalar(checksum.NULL, pa.string())
@@ -40,8 +41,8 @@ def prepare(values: pa.Array, key: str, natural: str, canon: pa.Array | None) ->
         return pa.array([fn(v) for v in values.to_pylist()], pa.string()), "python"
     if key == "double precision":
         return pa.array(_bits(values)), key
-    if key == "timestamptz":
-        return values.cast(pa.int64()), key
+    if key == "timestamptz":  # microseconds since 2000-01-01, as timestamptz_send gives them
+        return pc.subtract(values.cast(pa.int64()), PG_EPOCH_US), key
     if key == "point":
         return pa.StructArray.from_arrays([pa.array(_bits(values.field("lon"))), pa.array(_bits(values.field("lat")))],
                                           names=["lon", "lat"]), key
@@ -58,8 +59,11 @@ def canonical(k: pa.Array, form: str) -> pa.Array:
         k = k.combine_chunks()
     if form in ("text", "jsonb"):
         return k.fill_null(NULL)
-    if form in ("bigint", "timestamptz"):
+    if form == "bigint":
         return k.cast(pa.string()).fill_null(NULL)
+    if form == "timestamptz":  # the hex of the big-endian int64
+        text = _hex16(k.fill_null(0).to_numpy(zero_copy_only=False).view(np.uint64))
+        return pc.if_else(k.is_null(), NULL, text) if k.null_count else text
     if form == "double precision":
         return _hex16(k.to_numpy(zero_copy_only=False))
     if form == "boolean":
