@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Param, conf, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowSkipException
 
@@ -109,8 +110,11 @@ def pocketbase_migration():
         @task(trigger_rule="none_failed_min_one_success", weight_rule="absolute", priority_weight=1)
         @fail_fast
         def assess(run: dict) -> dict:
+            import os
+
             from pbmigrate import tasks
 
+            os.nice(10)  # its scans yield the cores to the checks' GX import and checksums, the critical path
             return tasks.assess(run, postgres_url(), api=pocketbase_api())
 
         snap = snapshot()
@@ -156,10 +160,10 @@ def pocketbase_migration():
         tables >> loaded
         done = finalize(run)
         loaded >> done
-        return done
+        return loaded, done
 
     @task_group(group_id="files")
-    def files(run: dict, finalized: dict):
+    def files(run: dict, loaded, finalized: dict):
         @task
         @fail_fast
         def plan_files(run: dict) -> list[dict]:
@@ -176,9 +180,11 @@ def pocketbase_migration():
             get_current_context()["files_label"] = batch["label"]
             return tasks.copy_files(run, batch, postgres_url(), files_store(), api=pocketbase_api())
 
-        batches = plan_files(run)
-        finalized >> batches
-        return copy.partial(run=run).expand(batch=batches)
+        batches = plan_files(run)  # the ledger's ranges: after the load, beside finalize
+        loaded >> batches
+        copied = copy.partial(run=run).expand(batch=batches)
+        finalized >> copied  # finalize's rejects decide which rows keep their files
+        return copied
 
     @task_group(group_id="cache")
     def cache():
@@ -215,7 +221,9 @@ def pocketbase_migration():
             """Every check recorded, then the gate's verdict on them, which it follows: a passed gate
             warms the cache (a failed warm-up then blocks promotion) and, with param loadtest,
             load-tests the staging schema beside it (on a private Redis: the warm-up is not its
-            business); a refused one rolls back. The checks, the gate and the branch are one task:
+            business), and picks the end param cutover names (`cutover_auto` or `cutover_manual`,
+            empty tasks the scheduler marks without a process), so the other end is skipped here
+            at once; a refused one rolls back. The checks, the gate and the branch are one task:
             each task costs its start-up on the run's critical path."""
             from pbmigrate import tasks
 
@@ -226,7 +234,8 @@ def pocketbase_migration():
                                                                     files=files_store()))
             verdict = tasks.gate(run, postgres_url(), p["max_reject_ratio"])
             ctx["ti"].xcom_push(key="verdict", value=verdict)
-            return tasks.follow(verdict, ["cache.warm", *(["loadtest"] if p["loadtest"] else [])])
+            end = tasks.decide(verdict, p["cutover"], cut_over="cutover_auto", hold="cutover_manual")
+            return tasks.follow(verdict, ["cache.warm", *(["loadtest"] if p["loadtest"] else []), end])
 
         return checks()
 
@@ -241,32 +250,20 @@ def pocketbase_migration():
         return tasks.loadtest(migration_run(), postgres_url(), p, param_text(p, "loadtest_mix"),
                               dag_run_id=ctx["run_id"])
 
-    def unless_picked(end: str) -> None:
-        """cut_over and hold both start after the warm-up (and the load test); the one the verdict
-        and param cutover do not pick skips at once, beside the other, instead of a branch task
-        before them both."""
-        from pbmigrate import tasks
-
-        picked = tasks.decide(gate_verdict(), get_current_context()["params"]["cutover"])
-        if picked != end:
-            raise AirflowSkipException(f"the gate and param cutover pick {picked}")
-
-    @task(trigger_rule="none_failed_min_one_success")  # the load test is skipped when param loadtest is off
+    @task
     @fail_fast
     def cut_over() -> dict:
         """cutover=auto: backups, schema swap, feature flag."""
         from pbmigrate import tasks
 
-        unless_picked("cut_over")
         return tasks.cut_over(migration_run(), postgres_url(), redis_url())
 
-    @task(trigger_rule="none_failed_min_one_success")
+    @task
     @fail_fast
     def hold() -> dict:
         """cutover=manual: validated and warm, waiting for the pocketbase_cutover DAG."""
         from pbmigrate import tasks
 
-        unless_picked("hold")
         return tasks.hold(migration_run(), postgres_url())
 
     @task(retries=0)  # it fails on purpose after rolling back: a retry would only fail again
@@ -279,16 +276,20 @@ def pocketbase_migration():
     run, assessed = prepare()
     final = final_sync()
     run >> final
-    done = data(run, schema(run))
-    copied = files(run, done)
+    loaded, done = data(run, schema(run))
+    copied = files(run, loaded, done)
     [done, copied] >> assessed  # not in a slot the load needs, nor beside finalize's index builds
     choice = validate()
     [done, copied, final] >> choice
     warmed, tested = cache(), loadtest()
-    choice >> [warmed, tested, roll_back()]
+    auto, manual = EmptyOperator(task_id="cutover_auto"), EmptyOperator(task_id="cutover_manual")
+    choice >> [warmed, tested, auto, manual, roll_back()]
     assessed >> warmed  # the assessment is recorded before anything is promoted
-    [warmed, tested] >> cut_over()
-    [warmed, tested] >> hold()
+    # the warm-up and the load test (skipped when param loadtest is off) are done: an empty join
+    ready = EmptyOperator(task_id="ready", trigger_rule="none_failed_min_one_success")
+    [warmed, tested] >> ready
+    [ready, auto] >> cut_over()  # all_success: the end the branch did not pick is skipped with it
+    [ready, manual] >> hold()
 
 
 pocketbase_migration()

@@ -88,10 +88,11 @@ def test_mode_final_skips_the_fresh_load_resyncs_and_gates_the_held_run(
     dr = run_dag("pocketbase_migration", {**conf, "mode": "final"}, pg_url=fresh_pg_url)
     assert dr.state == "success"
     states = {t: _ti_state(dr, t) for t in ("prepare.snapshot", "prepare.assess", "schema.create_tables",
-                                            "data.finalize", "final_sync", "validate.checks", "cut_over", "hold",
-                                            "roll_back")}
+                                            "data.finalize", "final_sync", "validate.checks", "cutover_auto",
+                                            "cutover_manual", "ready", "cut_over", "hold", "roll_back")}
     assert states == {"prepare.snapshot": "skipped", "prepare.assess": "skipped", "schema.create_tables": "skipped",
                       "data.finalize": "skipped", "final_sync": "success", "validate.checks": "success",
+                      "cutover_auto": "skipped", "cutover_manual": "success", "ready": "success",
                       "cut_over": "skipped", "hold": "success", "roll_back": "skipped"}, states
     with psycopg.connect(fresh_pg_url) as conn:
         assert conn.execute("SELECT text FROM fin_staging.demo1 WHERE id = '84nmscqy84lsi1t'").fetchone() == (
@@ -109,10 +110,11 @@ def test_a_refused_gate_rolls_back_and_skips_the_warm_up_and_both_ends(
     states: dict[str, set[str]] = {}
     for ti in dr.get_task_instances():
         states.setdefault(ti.task_id, set()).add(str(ti.state))
-    assert {t: states[t] for t in ("validate.checks", "prepare.assess", "cache.warm", "loadtest", "cut_over", "hold",
-                                   "roll_back")} == {
+    assert {t: states[t] for t in ("validate.checks", "prepare.assess", "cache.warm", "loadtest", "cutover_auto",
+                                   "cutover_manual", "ready", "cut_over", "hold", "roll_back")} == {
         "validate.checks": {"success"}, "prepare.assess": {"success"}, "cache.warm": {"skipped"},
-        "loadtest": {"skipped"}, "cut_over": {"skipped"}, "hold": {"skipped"}, "roll_back": {"failed"}}, states
+        "loadtest": {"skipped"}, "cutover_auto": {"skipped"}, "cutover_manual": {"skipped"}, "ready": {"skipped"},
+        "cut_over": {"skipped"}, "hold": {"skipped"}, "roll_back": {"failed"}}, states
     with psycopg.connect(fresh_pg_url) as conn:
         status = conn.execute("SELECT status FROM pbm_meta.runs WHERE target_schema = 'refused'").fetchone()
         action, reason = conn.execute("SELECT action, reason FROM pbm_meta.cutovers WHERE target_schema = 'refused'"

@@ -44,6 +44,8 @@ def test_tasks_retry_with_backoff_and_fail_fast_on_permanent_errors(dagbag, dag_
         assert task.owner == "data-engineering"
         if task.retries:
             assert task.retry_exponential_backoff, task.task_id
+        if task.inherits_from_empty_operator:  # the ends' markers and joins: nothing runs
+            continue
         # every task body is wrapped by fail_fast, so a Permanent error is never retried
         callable_ = getattr(task, "python_callable", None)
         assert callable_ is not None and getattr(callable_, "__wrapped__", None) is not None, task.task_id
