@@ -17,10 +17,13 @@ variable, so no file ever holds the connection's password.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,7 +371,7 @@ def run_checkpoints(pg_url: str, schema: str, specs: dict[str, list[Spec]], run_
     does not prove, those passing with the constraint's name; returns the checks in spec order,
     full results, the Data Docs index and timings (GX import, each table, Data Docs)."""
     started = time.monotonic()
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before the import: it logs a lot
+    import_gx()  # the rest of a head start (`gx_import`), or all of it
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
 
@@ -422,6 +425,28 @@ def run_checkpoints(pg_url: str, schema: str, specs: dict[str, list[Spec]], run_
     return checks, full, index.removeprefix("file://"), timings
 
 
+def import_gx() -> None:
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before the import: it logs a lot
+    import great_expectations  # noqa: F401
+
+
+def gx_import() -> threading.Event:
+    """GX's import started in a thread, set when it ends (or fails: `run_checkpoints` then raises
+    the error itself). It is 3 s of Python before GX can check anything, the longest part of
+    validation on the critical path, so it starts first, beside the source counts."""
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            with contextlib.suppress(Exception):  # run_checkpoints' own import raises it again, in the task's thread
+                import_gx()
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="pbm-gx-import", daemon=True).start()
+    return done
+
+
 # --------------------------------------------------------------------------- the task
 
 
@@ -460,19 +485,32 @@ def summarize(run_id: str, checks: list[Check], seconds: dict[str, float], paths
 
 
 def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_counts: dict[str, int],
-                  workers: int = 2) -> list[Check]:
+                  workers: int = 2, widen: threading.Event | None = None) -> list[Check]:
     """Source coverage and per-batch checksums of every table, on connections of their own
-    (`workers` tables at a time, largest first: each is one long aggregate inside PostgreSQL)."""
+    (`workers` tables at a time, largest first: each is one long aggregate inside PostgreSQL).
+    With `widen`, all but one worker wait for it: GX's import, on the critical path, then has a
+    core of its own instead of a third of two."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
+    todo: queue.SimpleQueue[Table] = queue.SimpleQueue()
+    for t in sorted(plan.tables, key=lambda t: -counts.get(t.collection.name, {}).get("read", 0)):
+        todo.put(t)
+    sums: dict[str, Check] = {}
 
-    def one(t: Table) -> Check:
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            return checksum_check(conn, schema, t, run_id)
+    def worker(wait: threading.Event | None) -> None:
+        if wait is not None:
+            wait.wait()
+        while True:
+            try:
+                t = todo.get_nowait()
+            except queue.Empty:
+                return
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                sums[t.name] = checksum_check(conn, schema, t, run_id)
 
-    largest_first = sorted(plan.tables, key=lambda t: -counts.get(t.collection.name, {}).get("read", 0))
     with ThreadPoolExecutor(workers, thread_name_prefix="pbm-checksum") as pool:
-        sums = dict(zip([t.name for t in largest_first], pool.map(one, largest_first)))
+        for f in [pool.submit(worker, None if i == 0 else widen) for i in range(workers)]:
+            f.result()
     checks = []
     for t in plan.tables:
         checks.append(source_check(t, source_counts[t.collection.name], counts.get(t.collection.name)))
@@ -510,16 +548,19 @@ def resync_checks(conn: psycopg.Connection, source: Source, plan: Plan, schema: 
 
 
 def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, source_counts: dict[str, int],
-             out_dir: Path, source: Source | None = None, files: dict | None = None) -> dict:
+             out_dir: Path, source: Source | None = None, files: dict | None = None,
+             gx_imported: threading.Event | None = None) -> dict:
     """Checksums, source coverage and GX checkpoints for every table of `plan` in the staging schema.
 
     The checksums and the file checks (every object re-read) run in threads beside GX: they
     mostly wait for PostgreSQL and the store, and GX's import and bookkeeping are Python work they
-    do not need, so side by side the three take little more than the longest. With `source` (after
+    do not need, so side by side the three take little more than the longest; one checksum
+    worker waits for GX's import (`gx_imported`, from `gx_import`). With `source` (after
     a re-sync) the tables are compared with it first instead, in this thread (a SQLite connection
     stays in its thread).
     """
     started = time.monotonic()
+    gx_imported = gx_imported or gx_import()
     run_id, schema = run["run_id"], run["staging_schema"]
     out_dir.mkdir(parents=True, exist_ok=True)
     if source is not None:
@@ -531,7 +572,8 @@ def validate(conn: psycopg.Connection, pg_url: str, plan: Plan, run: dict, sourc
     proofs = catalog_proofs(conn, schema)
     with ThreadPoolExecutor(2, thread_name_prefix="pbm-checks") as pool:
         if source is None:
-            ledger_future = pool.submit(_timed, ledger_checks, pg_url, schema, plan, run_id, source_counts)
+            ledger_future = pool.submit(_timed, ledger_checks, pg_url, schema, plan, run_id, source_counts, 2,
+                                        gx_imported)
         files_future = pool.submit(_timed, _file_checks, pg_url, plan, run, files)
         gx_started = time.monotonic()
         gx_checks, full, index, timings = run_checkpoints(pg_url, schema, specs, run_id, out_dir / "data_docs",
@@ -570,6 +612,7 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
 
 def validate_run(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:
     """The DAG's validation task: every check of every table, recorded, with a summary for XCom."""
+    gx_imported = gx_import()
     source = open_run_source(run, api)
     try:
         plan = run_plan(run, source)
@@ -580,7 +623,7 @@ def validate_run(run: dict, pg_url: str, api: dict | None = None, files: dict | 
                 log.info("a re-sync wrote %s: comparing it with %s instead of the ledger's checksums",
                          run["staging_schema"], run.get("snapshot_path") or "the API")
             summary = validate(conn, pg_url, plan, run, source_counts, validation_dir(run),
-                               source if after_resync else None, files)
+                               source if after_resync else None, files, gx_imported)
     finally:
         source.close()
     for name, t in summary["tables"].items():
