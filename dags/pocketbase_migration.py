@@ -2,12 +2,13 @@
 ### PocketBase -> PostgreSQL + Redis: full migration
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
-snapshot of the source; the pre-migration assessment runs after the files, beside the checks:
-the load's own pass found the bad values), **schema** (typed tables in the staging
-schema), **data** (batches planned beside the schema, one load task per slot sharing the id
-ranges, then keys, indexes and foreign keys), **files** (the uploads behind every file field, one
-mapped task per id range, into the `pbm_files` store), **validate** (one GX checkpoint per table,
-per-batch checksums, then the gate on them, which branches), **cache** (warm Redis from the migrated
+snapshot of the source; the pre-migration assessment runs after the files, beside the checks, at
+a lower CPU priority: the load's own pass found the bad values), **schema** (typed tables in the
+staging schema), **data** (batches planned beside the schema, one load task per slot sharing the id
+ranges, then keys, indexes and foreign keys), **files** (the uploads behind every file field,
+planned beside finalize, then one mapped task per id range, into the `pbm_files` store),
+**validate** (one GX checkpoint per table, per-batch checksums, then the gate on them, which
+branches and picks the end), **cache** (warm Redis from the migrated
 tables: public profiles, leaderboards, games in progress), the optional **loadtest** (param
 `loadtest`: the game service on the staging schema against PocketBase on the source snapshot,
 recorded in `pbm_meta.loadtests`; with `loadtest_gate` a miss refuses promotion), and the end:

@@ -128,8 +128,9 @@ def decide(verdict: dict, mode: str = "auto", *, cut_over: str = "cut_over", hol
 
 
 def follow(verdict: dict, then: Sequence[str], roll_back: str = "roll_back") -> str | list[str]:
-    """The migration DAG's branch at the gate: `then` (the task ids of the cache warm-up and, when
-    param loadtest is on, the load test; cut over or hold come after them) or roll back."""
+    """The migration DAG's branch at the gate: `then` (the task ids of the cache warm-up, the load
+    test when param loadtest is on, and the marker of the end `decide` picks; cut over or hold come
+    after them) or roll back."""
     return list(then) if verdict["promote"] else roll_back
 
 
