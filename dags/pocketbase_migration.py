@@ -189,8 +189,7 @@ def pocketbase_migration():
 
     @task_group(group_id="cache")
     def cache():
-        # after a passed gate and the assessment, which mode=final skips
-        @task(map_index_template="{{ sections }}", trigger_rule="none_failed_min_one_success")
+        @task(map_index_template="{{ sections }}")  # after a passed gate
         @fail_fast
         def warm(sections: list[str]) -> dict:
             from pbmigrate import tasks
@@ -288,10 +287,11 @@ def pocketbase_migration():
     warmed, tested = cache(), loadtest()
     auto, manual = EmptyOperator(task_id="cutover_auto"), EmptyOperator(task_id="cutover_manual")
     choice >> [warmed, tested, auto, manual, roll_back()]
-    assessed >> warmed  # the assessment is recorded before anything is promoted
-    # the warm-up and the load test (skipped when param loadtest is off) are done: an empty join
+    # the warm-up, the load test (skipped when param loadtest is off) and the assessment (recorded
+    # before anything is promoted; at a lower priority it may end after the checks, and the warm-up
+    # need not wait for it) are done: an empty join
     ready = EmptyOperator(task_id="ready", trigger_rule="none_failed_min_one_success")
-    [warmed, tested] >> ready
+    [warmed, tested, assessed] >> ready
     [ready, auto] >> cut_over()  # all_success: the end the branch did not pick is skipped with it
     [ready, manual] >> hold()
 
