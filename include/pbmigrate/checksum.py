@@ -140,8 +140,13 @@ def sql_value(expr: str, pg_type: str, key: str) -> str:
     return f"({expr})::{key}"
 
 
+# The first 64 bits of md5 as a signed bigint: an explicit cast to bit(64) keeps the leftmost 64
+# of the 128 bits, so no left(..., 16) (5-10 % of a table's checksum inside PostgreSQL).
+_MD5_64 = "('x' || md5({s}))::bit(64)::bigint"
+
+
 def digest(canonical: str) -> int:
-    """First 64 bits of md5, signed: what `('x'||left(md5(s),16))::bit(64)::bigint` gives."""
+    """First 64 bits of md5, signed: what `('x'||md5(s))::bit(64)::bigint` gives."""
     return int.from_bytes(md5(canonical.encode("utf-8", "surrogatepass")).digest()[:8], "big", signed=True)
 
 
@@ -152,7 +157,7 @@ def row_canon(canons: Sequence[Callable[[Any], str]], row: Sequence[Any]) -> str
 def sql_row_digest(columns: Sequence[tuple[str, str]]) -> str:
     """SQL for one row's digest; columns are (quoted column expression, pg type)."""
     parts = ", ".join(SQL_CANON[t].format(c=c) for c, t in columns)
-    return f"('x' || left(md5(concat_ws(E'\\x1f', {parts})), 16))::bit(64)::bigint"
+    return _MD5_64.format(s=f"concat_ws(E'\\x1f', {parts})")
 
 
 def junction_digest(table: str, owner: str, targets: list[str]) -> int:
@@ -163,8 +168,8 @@ def junction_digest(table: str, owner: str, targets: list[str]) -> int:
 def sql_junction_digest(table: str, owner_col: str, target_col: str) -> str:
     """SQL twin of `junction_digest`, an aggregate: use it with GROUP BY the owner column."""
     lit = ql(table)
-    return (f"('x' || left(md5(concat_ws(E'\\x1f', {lit}, {owner_col}, "
-            f"array_to_json(array_agg({target_col} ORDER BY position))::text)), 16))::bit(64)::bigint")
+    return _MD5_64.format(s=f"concat_ws(E'\\x1f', {lit}, {owner_col}, "
+                            f"array_to_json(array_agg({target_col} ORDER BY position))::text)")
 
 
 def fold(total: int) -> int:
