@@ -432,7 +432,7 @@ def import_gx() -> None:
 
 def gx_import() -> threading.Event:
     """GX's import started in a thread, set when it ends (or fails: `run_checkpoints` then raises
-    the error itself). It is 3 s of Python before GX can check anything, the longest part of
+    the error itself). It is 3-4 s of Python before GX can check anything, the longest part of
     validation on the critical path, so it starts first, beside the source counts."""
     done = threading.Event()
 
@@ -489,7 +489,7 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
     """Source coverage and per-batch checksums of every table, on connections of their own
     (`workers` tables at a time, largest first: each is one long aggregate inside PostgreSQL).
     With `widen`, all but one worker wait for it: GX's import, on the critical path, then has a
-    core of its own instead of a third of two."""
+    core of its own instead of two thirds of one."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
     todo: queue.SimpleQueue[Table] = queue.SimpleQueue()
