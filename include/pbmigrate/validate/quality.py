@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from pbmigrate.pgsql import qi, ql_list
 from pbmigrate.plan.model import Plan, Table
 from pbmigrate.resync import compare_collection, last_resync
 from pbmigrate.source import Source
+from pbmigrate.validate import deferred
 
 log = logging.getLogger("pbmigrate")
 
@@ -425,8 +427,14 @@ def run_checkpoints(pg_url: str, schema: str, specs: dict[str, list[Spec]], run_
     return checks, full, index.removeprefix("file://"), timings
 
 
+GX_UNUSED = ("scipy.stats", "altair")  # imported by GX for an expectation we never build: `deferred`
+
+
 def import_gx() -> None:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before the import: it logs a lot
+    if "great_expectations" not in sys.modules:
+        for name in GX_UNUSED:
+            deferred.defer(name)
     import great_expectations  # noqa: F401
 
 
