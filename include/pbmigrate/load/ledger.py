@@ -31,8 +31,9 @@ def _sums(conn: psycopg.Connection, sql: str, args: tuple) -> dict[str, int]:
     return {lo: int(total) for lo, total in conn.execute(sql, args) if total is not None}
 
 
-def _merge(*parts: dict[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def merge_sums(*parts: dict) -> dict:
+    """Sums per batch start, added key by key."""
+    out: dict = {}
     for part in parts:
         for lo, v in part.items():
             out[lo] = out.get(lo, 0) + v
@@ -61,12 +62,19 @@ def junction_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: s
                f"FROM {qi(schema)}.{qi(j.table)} x {where} GROUP BY {owner}) o "
                f"{_IN_BATCH.format(id='o.owner')} GROUP BY b.lo")
         parts.append(_sums(conn, sql, (*args, run_id, table.collection.name)))
-    return _merge(*parts)
+    return merge_sums(*parts)
 
 
 def target_sums(conn: psycopg.Connection, schema: str, table: Table, los: list[str]) -> dict[str | None, int]:
     """What the target holds per batch (`los`: the batch starts, sorted in "C" order), the figure
-    validation compares with the ledger. Rows are bucketed with `width_bucket` over the batch
+    validation compares with the ledger: the sum of `target_sum_parts`, run one after another."""
+    return merge_sums(*(run_part(conn, part, los) for part in target_sum_parts(schema, table)))
+
+
+def target_sum_parts(schema: str, table: Table) -> list[str]:
+    """The queries behind `target_sums`, one for the table's rows and one per junction table: each
+    is one aggregate, so validation can run them on connections of their own (a junction's ordered
+    arrays cost more than its owner's rows). Rows are bucketed with `width_bucket` over the batch
     starts instead of a range join: a third less work on large tables. Rows below the first batch
     land under None (no batch can explain them); rows between two batches count in the earlier
     one, so they show up as a mismatch there."""
@@ -77,18 +85,19 @@ def target_sums(conn: psycopg.Connection, schema: str, table: Table, los: list[s
         owner = f"x.{qi(j.owner)}"
         parts.append(f"SELECT width_bucket(o.owner, %(los)s::text[]) AS b, o.d FROM (SELECT {owner} AS owner, "
                      f"{junction_digest_sql(j)} AS d FROM {s}.{qi(j.table)} x GROUP BY {owner}) o")
-    out: dict[str | None, int] = {}
-    for part in parts:
-        for bucket, total in conn.execute(f"SELECT b, sum(d)::text FROM ({part}) p GROUP BY b", {"los": los}):
-            key = los[bucket - 1] if bucket else None
-            out[key] = out.get(key, 0) + int(total)
-    return out
+    return parts
+
+
+def run_part(conn: psycopg.Connection, part: str, los: list[str]) -> dict[str | None, int]:
+    """One of `target_sum_parts`: its sum per batch start (None: below the first batch)."""
+    return {los[bucket - 1] if bucket else None: int(total)
+            for bucket, total in conn.execute(f"SELECT b, sum(d)::text FROM ({part}) p GROUP BY b", {"los": los})}
 
 
 def owner_sums(conn: psycopg.Connection, schema: str, table: Table, run_id: str, ids_sql: str,
                args: tuple = ()) -> dict[str, int]:
     """Rows from `ids_sql` plus their junction rows: what rejecting those rows removes."""
-    return _merge(row_sums(conn, schema, table, run_id, ids_sql, args),
+    return merge_sums(row_sums(conn, schema, table, run_id, ids_sql, args),
                   junction_sums(conn, schema, table, run_id, ids_sql, args))
 
 
@@ -112,4 +121,4 @@ def negate(sums: dict[str, int]) -> dict[str, int]:
 
 
 def difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return _merge(after, negate(before))
+    return merge_sums(after, negate(before))

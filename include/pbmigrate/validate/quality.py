@@ -211,13 +211,15 @@ def ledger_counts(conn: psycopg.Connection, run_id: str) -> dict[str, dict[str, 
     return out
 
 
-def checksum_check(conn: psycopg.Connection, schema: str, table: Table, run_id: str) -> Check:
-    """Per-batch target checksums (computed in PostgreSQL) against the ledger's expected ones."""
-    started = time.monotonic()
-    expected = conn.execute(
+def expected_sums(conn: psycopg.Connection, table: Table, run_id: str) -> list[tuple[str, str, str]]:
+    """The ledger's (lo, hi, checksum) of each batch of the table, in "C" order of lo."""
+    return conn.execute(
         'SELECT lo, hi, checksum FROM pbm_meta.batches WHERE run_id = %s AND collection = %s ORDER BY lo COLLATE "C"',
         (run_id, table.collection.name)).fetchall()
-    actual = ledger.target_sums(conn, schema, table, [lo for lo, _, _ in expected])
+
+
+def compare_sums(table: Table, expected: list[tuple[str, str, str]], actual: dict[str | None, int],
+                 seconds: float) -> Check:
     mismatched = []
     if actual.get(None):
         mismatched.append({"lo": None, "hi": expected[0][0] if expected else None, "expected": checksum.as_hex(0),
@@ -235,7 +237,7 @@ def checksum_check(conn: psycopg.Connection, schema: str, table: Table, run_id: 
         "examples": mismatched[:EXAMPLES],
         "expected": checksum.as_hex(total_expected),
         "actual": checksum.as_hex(total_actual + actual.get(None, 0)),
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": round(seconds, 3),
     })
 
 
@@ -495,26 +497,41 @@ def summarize(run_id: str, checks: list[Check], seconds: dict[str, float], paths
 def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_counts: dict[str, int],
                   workers: int = 2, widen: threading.Event | None = None) -> list[Check]:
     """Source coverage and per-batch checksums of every table, on connections of their own
-    (`workers` tables at a time, largest first: each is one long aggregate inside PostgreSQL).
-    With `widen`, all but one worker wait for it: GX's import, on the critical path, then has a
-    core of its own instead of two thirds of one."""
+    (`workers` aggregates at a time, largest first; a table's junctions are aggregates of their own,
+    so the table with a multi relation is not one long pole). With
+    `widen`, all but one worker wait for it: GX's import, on the critical path, then has a core of
+    its own instead of two thirds of one. A table's `seconds` is the sum of its aggregates'."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
-    todo: queue.SimpleQueue[Table] = queue.SimpleQueue()
-    for t in sorted(plan.tables, key=lambda t: -counts.get(t.collection.name, {}).get("read", 0)):
-        todo.put(t)
-    sums: dict[str, Check] = {}
+        expected = {t.name: expected_sums(conn, t, run_id) for t in plan.tables}
+        junction_rows = dict(conn.execute("SELECT collection, sum(junction_rows) FROM pbm_meta.batches "
+                                          "WHERE run_id = %s GROUP BY 1", (run_id,)).fetchall())
+    work = []  # (rows it aggregates, table, query): a junction's rows cost about what a table's do
+    for t in plan.tables:
+        rows = [counts.get(t.collection.name, {}).get("read", 0)] + [junction_rows.get(t.collection.name) or 0] * len(
+            t.junctions)
+        work += zip(rows, [t] * len(rows), ledger.target_sum_parts(schema, t), strict=True)
+    todo: queue.SimpleQueue[tuple[Table, str]] = queue.SimpleQueue()
+    for _, t, part in sorted(work, key=lambda w: -w[0]):
+        todo.put((t, part))
+    actual: dict[str, dict] = {t.name: {} for t in plan.tables}
+    seconds = dict.fromkeys(actual, 0.0)
+    lock = threading.Lock()
 
     def worker(wait: threading.Event | None) -> None:
         if wait is not None:
             wait.wait()
-        while True:
-            try:
-                t = todo.get_nowait()
-            except queue.Empty:
-                return
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                sums[t.name] = checksum_check(conn, schema, t, run_id)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            while True:
+                try:
+                    t, part = todo.get_nowait()
+                except queue.Empty:
+                    return
+                started = time.monotonic()
+                sums = ledger.run_part(conn, part, [lo for lo, _, _ in expected[t.name]])
+                with lock:
+                    actual[t.name] = ledger.merge_sums(actual[t.name], sums)
+                    seconds[t.name] += time.monotonic() - started
 
     with ThreadPoolExecutor(workers, thread_name_prefix="pbm-checksum") as pool:
         for f in [pool.submit(worker, None if i == 0 else widen) for i in range(workers)]:
@@ -522,7 +539,7 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
     checks = []
     for t in plan.tables:
         checks.append(source_check(t, source_counts[t.collection.name], counts.get(t.collection.name)))
-        checks.append(sums[t.name])
+        checks.append(compare_sums(t, expected[t.name], actual[t.name], seconds[t.name]))
     return checks
 
 
