@@ -294,8 +294,9 @@ def _data_group(meta_url: str, target_url: str) -> dict:
         spans = {f"{t}[{i}]" if i >= 0 else t: round(d, 2) for t, i, d in conn.execute(
             "SELECT task_id, map_index, duration FROM task_instance WHERE dag_id = 'pocketbase_migration' "
             "AND duration IS NOT NULL AND (task_id LIKE 'data.%%' OR task_id = 'prepare.assess') ORDER BY start_date")}
-        finalize = conn.execute("SELECT value FROM xcom WHERE task_id = 'data.finalize' AND key = 'report'"
-                                ).fetchone()
+        finalize = conn.execute(  # its report (XCom 'return_value' before finalize also planned the files)
+            "SELECT value FROM xcom WHERE task_id = 'data.finalize' AND key IN ('report', 'return_value') "
+            "ORDER BY key = 'report' DESC LIMIT 1").fetchone()
     with psycopg.connect(target_url) as conn:
         rows, junction = conn.execute("SELECT sum(rows_loaded), sum(junction_rows) FROM pbm_meta.batches").fetchone()
     return {"rows": int(rows), "junction_rows": int(junction), "data_seconds": round(seconds, 2),
