@@ -13,7 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pbmigrate import files, tasks
+from pbmigrate import checksum, files, tasks
+from pbmigrate.load import ledger
 from pbmigrate.plan.mapping import load_mapping
 from pbmigrate.plan.model import build_plan
 from pbmigrate.source import open_source
@@ -152,6 +153,30 @@ def test_gx_catches_duplicates_nulls_values_outside_the_set_and_orphans(fresh_pg
     checksum_failures = {t for t, c in failed if c == "checksums"}
     assert checksum_failures == {"demo1", "demo2", "demo3", "demo5", "users"}
     assert not any("exception" in obs for obs in failed.values())
+
+
+def test_checksums_sum_each_junction_as_an_aggregate_of_its_own(fresh_pg_url, fixture_022):
+    run = migrate(fixture_022, fresh_pg_url, "fx", "parts")
+    plan = tasks.source_plan(run, None)
+    schema, demo1 = run["staging_schema"], plan.table_for("demo1")
+    assert len(ledger.target_sum_parts(schema, demo1)) == 1 + len(demo1.junctions) > 1
+    with psycopg.connect(fresh_pg_url) as conn:
+        counts = {t.collection.name: conn.execute(f'SELECT count(*) FROM "{schema}"."{t.name}"').fetchone()[0]
+                  for t in plan.tables}
+        los = {t.name: [lo for lo, _, _ in quality.expected_sums(conn, t, run["run_id"])] for t in plan.tables}
+        whole = {t.name: sum(ledger.target_sums(conn, schema, t, los[t.name]).values()) for t in plan.tables}
+
+    sums = {c.table: c for c in quality.ledger_checks(fresh_pg_url, schema, plan, run["run_id"], counts)
+            if c.name == "checksums"}
+    assert all(c.success for c in sums.values()), sums
+    assert {t: c.observed["actual"] for t, c in sums.items()} == {t: checksum.as_hex(v) for t, v in whole.items()}
+
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:  # one extra target in a junction only
+        conn.execute(f'ALTER TABLE "{schema}".demo1_rel_many DROP CONSTRAINT demo1_rel_many_target_id_fk')
+        conn.execute(f"INSERT INTO \"{schema}\".demo1_rel_many VALUES ('84nmscqy84lsi1t', 'ghost', 99)")
+    failed = [c.table for c in quality.ledger_checks(fresh_pg_url, schema, plan, run["run_id"], counts, workers=3)
+              if not c.success]
+    assert failed == ["demo1"]
 
 
 def test_table_specs_escape_braces_for_gx_and_quote_identifiers(fixture_022):
