@@ -184,18 +184,16 @@ def pocketbase_migration():
 
     @task_group(group_id="cache")
     def cache():
-        @task(map_index_template="{{ sections }}")  # after a passed gate
+        @task  # after a passed gate
         @fail_fast
-        def warm(sections: list[str]) -> dict:
+        def warm() -> dict:
+            """Every section, two at a time in one task: as two tasks the second often waited for
+            the slot the assessment (at a lower priority) still held, and the run's end with it."""
             from pbmigrate import tasks
 
-            get_current_context()["sections"] = " + ".join(sections)
-            run = migration_run()
-            return {s: tasks.warm(run, s, pg_url=postgres_url(), redis_url=redis_url()) for s in sections}
+            return tasks.warm_sections(migration_run(), pg_url=postgres_url(), redis_url=redis_url())
 
-        # one task per slot: the short game_state after the leaderboards, not a third task that
-        # waited for a slot and paid its own start-up at the end of the run
-        return warm.expand(sections=[["profiles"], ["leaderboards", "game_state"]])
+        return warm()
 
     @task(trigger_rule="all_skipped")  # after the snapshot skipped itself (mode=final); mode=full never starts it
     @fail_fast

@@ -306,10 +306,11 @@ def copy_files(run: dict, batch: dict, pg_url: str, files: dict | None = None, a
     return files_stage.copy_batch(checked_run(run), batch, pg_url, files, api=api)
 
 
-def warm(run: dict, section: str, *, pg_url: str, redis_url: str) -> dict:
+def warm_sections(run: dict, *, pg_url: str, redis_url: str) -> dict:
+    """The DAG's cache warm-up: every section of the mapping's cache config, two at a time."""
     from pbmigrate.cache import warmup
 
-    return warmup.warm_run(checked_run(run), section, pg_url=pg_url, redis_url=redis_url)
+    return warmup.warm_sections(checked_run(run), pg_url=pg_url, redis_url=redis_url)
 
 
 def validate(run: dict, pg_url: str, api: dict | None = None, files: dict | None = None) -> dict:

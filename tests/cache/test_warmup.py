@@ -338,3 +338,30 @@ def test_warm_run_is_what_a_dag_task_calls(redis_url: str, pg_url: str, schema: 
     assert reports[1]["pattern"] == "game:{id}:state" and reports[1]["keys"] == 40
     with pytest.raises(ValueError, match="unknown cache section"):
         warm_run(run, "inventory", pg_url=pg_url, redis_url=redis_url)
+
+
+def test_warm_sections_warms_every_section_and_raises_the_first_failure_after_all_end(
+        redis_url: str, pg_url: str, schema: str) -> None:
+    """The DAG's one warm-up task: every section's report; a section that fails does not stop the
+    others, and its error is raised once they have ended."""
+    from pbmigrate.cache.warmup import SECTIONS, warm_sections
+
+    run = {"params": {"mapping": "game.yaml"}, "staging_schema": schema}
+    reports = warm_sections(run, pg_url=pg_url, redis_url=redis_url)
+    assert list(reports) == list(SECTIONS)
+    assert reports["profiles"]["keys"] == PLAYERS and reports["game_state"]["keys"] == 40
+
+    client = redis.Redis.from_url(redis_url)
+    states = client.keys(game_state_key("*"))
+    assert len(states) == 40
+    client.delete(*states)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the profiles' table gone: that section fails
+        conn.execute(f'ALTER TABLE "{schema}".players RENAME TO players_gone')
+    try:
+        with pytest.raises(Exception, match="players"):
+            warm_sections(run, pg_url=pg_url, redis_url=redis_url)
+        assert len(client.keys(game_state_key("*"))) == 40  # the other sections ran to their end
+    finally:
+        client.close()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'ALTER TABLE "{schema}".players_gone RENAME TO players')
