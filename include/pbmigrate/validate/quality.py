@@ -498,19 +498,18 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
                   workers: int = 2, widen: threading.Event | None = None) -> list[Check]:
     """Source coverage and per-batch checksums of every table, on connections of their own
     (`workers` aggregates at a time, largest first; a table's junctions are aggregates of their own,
-    so the table with a multi relation is not one long pole). With
-    `widen`, all but one worker wait for it: GX's import, on the critical path, then has a core of
-    its own instead of two thirds of one. A table's `seconds` is the sum of its aggregates'."""
+    so the table with a multi relation is not one long pole). With `widen`, all but one worker
+    wait for it: GX's import, on the critical path, then has a core of its own instead of two
+    thirds of one. A table's `seconds` is the sum of its aggregates'."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
         expected = {t.name: expected_sums(conn, t, run_id) for t in plan.tables}
         junction_rows = dict(conn.execute("SELECT collection, sum(junction_rows) FROM pbm_meta.batches "
                                           "WHERE run_id = %s GROUP BY 1", (run_id,)).fetchall())
-    work = []  # (rows it aggregates, table, query): a junction's rows cost about what a table's do
+    work = []  # (rows it aggregates, table, query): a junction row costs about what a table row does
     for t in plan.tables:
-        rows = [counts.get(t.collection.name, {}).get("read", 0)] + [junction_rows.get(t.collection.name) or 0] * len(
-            t.junctions)
-        work += zip(rows, [t] * len(rows), ledger.target_sum_parts(schema, t), strict=True)
+        rows, joined = counts.get(t.collection.name, {}).get("read", 0), junction_rows.get(t.collection.name) or 0
+        work += [(joined if i else rows, t, part) for i, part in enumerate(ledger.target_sum_parts(schema, t))]
     todo: queue.SimpleQueue[tuple[Table, str]] = queue.SimpleQueue()
     for _, t, part in sorted(work, key=lambda w: -w[0]):
         todo.put((t, part))
