@@ -3,9 +3,9 @@
 
 Reads the user's plan top to bottom: **prepare** (connections and privileges, a consistent
 snapshot of the source; the pre-migration assessment runs after the files, beside the checks, at
-a lower CPU priority: the load's own pass found the bad values), **schema** (typed tables in the
-staging schema), **data** (batches planned beside the schema, one load task per slot sharing the id
-ranges, then keys, indexes and foreign keys, and the files' plan), **files** (the uploads behind
+a lower CPU priority: the load's own pass found the bad values), **data** (typed tables in the
+staging schema and the batches planned, one load task per slot sharing the id ranges, then keys,
+indexes and foreign keys, and the files' plan), **files** (the uploads behind
 every file field, one mapped task per id range, into the `pbm_files` store),
 **validate** (one GX checkpoint per table, per-batch checksums, then the gate on them, which
 branches and picks the end), **cache** (warm Redis from the migrated
@@ -121,24 +121,16 @@ def pocketbase_migration():
         snap = snapshot()
         return snap, assess(snap)  # after the load (wired below): it reads the load's rejects
 
-    @task_group(group_id="schema")
-    def schema(run: dict):
-        @task
-        @fail_fast
-        def create_tables(run: dict) -> list[str]:
-            from pbmigrate import tasks
-
-            return tasks.create_schema(run, postgres_url(), api=pocketbase_api())
-
-        return create_tables(run)
-
     @task_group(group_id="data")
-    def data(run: dict, tables: list[str]):
+    def data(run: dict):
         @task
         @fail_fast
         def plan_batches(run: dict) -> list[dict]:
+            """The typed staging tables, then the id ranges the load tasks share. One task: as two
+            side by side, each held its slot up to 1 s after it ended, and the load waited for both."""
             from pbmigrate import tasks
 
+            tasks.create_schema(run, postgres_url(), api=pocketbase_api())
             return tasks.plan_batches(run, api=pocketbase_api(), max_batches=conf.getint("core", "max_map_length"))
 
         @task(map_index_template="{{ batch_label }}", max_active_tis_per_dagrun=8)
@@ -162,9 +154,7 @@ def pocketbase_migration():
             return tasks.plan_file_batches(run, postgres_url(), api=pocketbase_api(),
                                            max_batches=conf.getint("core", "max_map_length"), files=files_store())
 
-        batches = plan_batches(run)  # reads the source only: beside create_tables
-        loaded = load.partial(run=run).expand(batch=batches)
-        tables >> loaded
+        loaded = load.partial(run=run).expand(batch=plan_batches(run))
         done = finalize(run)
         loaded >> done
         return done
@@ -272,7 +262,7 @@ def pocketbase_migration():
     run, assessed = prepare()
     final = final_sync()
     run >> final
-    done = data(run, schema(run))
+    done = data(run)
     copied = files(run, done)
     [done, copied] >> assessed  # not in a slot the load needs, nor beside finalize's index builds
     choice = validate()

@@ -99,7 +99,7 @@ def test_a_worker_killed_mid_batch_is_retried_on_the_other_with_no_duplicate(cel
                                                       "target_schema": target, **CONF})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(
-                ti["task_id"] == "schema.create_tables" and ti["state"] == "success"
+                ti["task_id"] == "data.plan_batches" and ti["state"] == "success"  # it creates the tables
                 for ti in api.task_instances("pocketbase_migration", run_id)):
             time.sleep(0.2)
         tables = [r[0] for r in lock.execute(

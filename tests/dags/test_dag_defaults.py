@@ -87,10 +87,10 @@ def test_mode_final_skips_the_fresh_load_resyncs_and_gates_the_held_run(
 
     dr = run_dag("pocketbase_migration", {**conf, "mode": "final"}, pg_url=fresh_pg_url)
     assert dr.state == "success"
-    states = {t: _ti_state(dr, t) for t in ("prepare.snapshot", "prepare.assess", "schema.create_tables",
+    states = {t: _ti_state(dr, t) for t in ("prepare.snapshot", "prepare.assess", "data.plan_batches",
                                             "data.finalize", "final_sync", "validate.checks", "cutover_auto",
                                             "cutover_manual", "ready", "cut_over", "hold", "roll_back")}
-    assert states == {"prepare.snapshot": "skipped", "prepare.assess": "skipped", "schema.create_tables": "skipped",
+    assert states == {"prepare.snapshot": "skipped", "prepare.assess": "skipped", "data.plan_batches": "skipped",
                       "data.finalize": "skipped", "final_sync": "success", "validate.checks": "success",
                       "cutover_auto": "skipped", "cutover_manual": "success", "ready": "success",
                       "cut_over": "skipped", "hold": "success", "roll_back": "skipped"}, states
