@@ -504,6 +504,7 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
     with psycopg.connect(pg_url, autocommit=True) as conn:
         counts = ledger_counts(conn, run_id)
         expected = {t.name: expected_sums(conn, t, run_id) for t in plan.tables}
+        los = {name: [lo for lo, _, _ in batches] for name, batches in expected.items()}
         junction_rows = dict(conn.execute("SELECT collection, sum(junction_rows) FROM pbm_meta.batches "
                                           "WHERE run_id = %s GROUP BY 1", (run_id,)).fetchall())
     work = []  # (rows it aggregates, table, query): a junction row costs about what a table row does
@@ -527,7 +528,7 @@ def ledger_checks(pg_url: str, schema: str, plan: Plan, run_id: str, source_coun
                 except queue.Empty:
                     return
                 started = time.monotonic()
-                sums = ledger.run_part(conn, part, [lo for lo, _, _ in expected[t.name]])
+                sums = ledger.run_part(conn, part, los[t.name])
                 with lock:
                     actual[t.name] = ledger.merge_sums(actual[t.name], sums)
                     seconds[t.name] += time.monotonic() - started
